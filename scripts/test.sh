@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Set up and run every test, as CI does:
+#   1. nbdev_export and nbdev_clean leave entropy_rl/ and nbs/ unchanged (notebooks are the source)
+#   2. nbdev_test on every notebook (cells flagged slow / gpu are skipped; add --flags to run them)
+#   3. the docs build (real Quarto site where `quarto` is on PATH, nbconvert stand-in otherwise)
+#   4. pytest tests/ — including the headless-Chromium check of the built site
+# Exits non-zero on the first failure; the last line is pytest's summary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+step() { printf '\n== %s\n' "$*"; }
+
+step "setup (dev extras)"
+EXTRAS=${EXTRAS:-dev} bash scripts/setup.sh
+
+step "browser for the site check"
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+chromium --version
+
+step "nbdev_export and nbdev_clean leave the tree unchanged"
+snap=$(mktemp -d); trap 'rm -rf "$snap"' EXIT
+cp -r entropy_rl nbs "$snap/"
+nbdev_export
+nbdev_clean
+if ! diff -r -q -x __pycache__ -x .ipynb_checkpoints -x nbdev.yml -x sidebar.yml "$snap/entropy_rl" entropy_rl \
+   || ! diff -r -q -x __pycache__ -x .ipynb_checkpoints -x nbdev.yml -x sidebar.yml "$snap/nbs" nbs; then
+  echo "FAIL: the notebooks and entropy_rl/ disagree, or a notebook is not clean."
+  echo "      Edit the notebook, run nbdev_export and nbdev_clean, and commit both."
+  exit 1
+fi
+
+step "nbdev_test (flags skipped: slow gpu)"
+nbdev_test --n_workers 2
+
+step "docs build"
+"$PY" scripts/build_docs.py
+
+step "pytest"
+"$PY" -m pytest tests/ -q -p no:cacheprovider
