@@ -26,8 +26,8 @@ snap=$(mktemp -d); trap 'rm -rf "$snap"' EXIT
 cp -r entropy_rl nbs "$snap/"
 nbdev_export
 nbdev_clean
-if ! diff -r -q -x __pycache__ -x .ipynb_checkpoints -x nbdev.yml -x sidebar.yml "$snap/entropy_rl" entropy_rl \
-   || ! diff -r -q -x __pycache__ -x .ipynb_checkpoints -x nbdev.yml -x sidebar.yml "$snap/nbs" nbs; then
+if ! diff -r -q --no-dereference -x __pycache__ -x .ipynb_checkpoints -x nbdev.yml -x sidebar.yml "$snap/entropy_rl" entropy_rl \
+   || ! diff -r -q --no-dereference -x __pycache__ -x .ipynb_checkpoints -x nbdev.yml -x sidebar.yml "$snap/nbs" nbs; then
   echo "FAIL: the notebooks and entropy_rl/ disagree, or a notebook is not clean."
   echo "      Edit the notebook, run nbdev_export and nbdev_clean, and commit both."
   exit 1
