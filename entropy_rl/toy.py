@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .entropy import entropy_from_logits
+
 # %% ../nbs/01_toy.ipynb #36c238da
 def _check_logits(z: Tensor, name: str = "z") -> None:
     if not isinstance(z, Tensor):
@@ -43,12 +45,12 @@ def policy_log_probs(z: Tensor) -> Tensor:
 
 
 def policy_entropy(z: Tensor) -> Tensor:
-    "Entropy H = −Σ π log π of the softmax policy with logits `z` [..., K]; returns [...]."
+    """Entropy H = −Σ π log π of the softmax policy with logits `z` [..., K]; returns [...] in z's dtype.
+
+    Delegates to chapter 00's `entropy_from_logits`: a −inf (masked) action contributes 0 with a finite
+    gradient; NaN, +inf or an all −inf row raise ValueError."""
     _check_logits(z)
-    logp = torch.log_softmax(z, dim=-1)
-    p = logp.exp()
-    # 0·log 0 = 0 for actions with logit −inf (replacing log 0 before the product keeps gradients finite)
-    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+    return entropy_from_logits(z).to(z.dtype)
 
 # %% ../nbs/01_toy.ipynb #2a1daa01
 def finite_difference_grad(f: Callable[[Tensor], Tensor], z: Tensor, eps: float = 1e-6) -> Tensor:
@@ -101,6 +103,11 @@ def natural_pg_direction(z: Tensor, rewards: Tensor) -> Tensor:
     return advantages_under(z, rewards)
 
 # %% ../nbs/01_toy.ipynb #dafa7552
+def _clipped_objective(ratio: Tensor, advantages: Tensor, low: float, high: float) -> Tensor:
+    "Per-action PPO objective min(r A, clip(r, low, high) A) with explicit ratio bounds (to maximise; no input checks)."
+    return torch.minimum(ratio * advantages, ratio.clamp(low, high) * advantages)
+
+
 def ppo_surrogate(z: Tensor, z_old: Tensor, advantages: Tensor, eps_low: float = 0.2, eps_high: float = 0.2) -> Tensor:
     "Exact PPO clipped surrogate Σ_y π_old(y)·min(r_y A_y, clip(r_y, 1−eps_low, 1+eps_high) A_y), summed to a scalar."
     _check_logits(z)
@@ -111,7 +118,7 @@ def ppo_surrogate(z: Tensor, z_old: Tensor, advantages: Tensor, eps_low: float =
     logp, logp_old = policy_log_probs(z), policy_log_probs(z_old.to(z.dtype))
     ratio = torch.exp(logp - logp_old)
     a = advantages.to(z.dtype)
-    surr = torch.minimum(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
+    surr = _clipped_objective(ratio, a, 1 - eps_low, 1 + eps_high)
     return (logp_old.exp() * surr).sum()
 
 
