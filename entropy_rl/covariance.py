@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .toy import policy_entropy
+from .toy import policy_entropy, _clipped_objective
 
 # %% ../nbs/02_covariance.ipynb #7e751d8b
 def _check_pair(a: Tensor, b: Tensor, na: str, nb: str) -> None:
@@ -186,9 +186,8 @@ def clip_cov_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tens
         raise ValueError(f"need cov_lb < cov_ub, got {cov_lb}, {cov_ub}")
     adv = adv.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
-    loss_unclipped = -adv * ratio
-    loss_clipped = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    ppo_clipped = (loss_clipped > loss_unclipped) & m
+    loss = -_clipped_objective(ratio, adv, 1 - clip_low, 1 + clip_high)   # PPO clipped loss (chapter 01)
+    ppo_clipped = (loss > -adv * ratio) & m      # the clipped term is strictly the larger loss
     cov = token_covariance(logp, adv, m, scope=_scope_of(global_stats), global_stats=global_stats)
     candidates = m & ~ppo_clipped & (cov > cov_lb) & (cov < cov_ub)
     n_pick = selection_count(clip_ratio, int(m.sum()))
@@ -198,7 +197,6 @@ def clip_cov_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tens
     selected = torch.zeros(m.numel(), dtype=torch.bool, device=m.device)
     selected[idx[perm[:n_pick]]] = True
     selected = selected.reshape(m.shape)
-    loss = torch.maximum(loss_unclipped, loss_clipped)
     return torch.where(selected | ~m, torch.zeros_like(loss), loss), selected
 
 
@@ -225,7 +223,7 @@ def kl_cov_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
 def _ppo_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps: float = 0.2) -> tuple:
     adv, m = _check_tokens(logp, advantages, mask, old_logp)
     ratio = torch.exp(logp - old_logp)
-    loss = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - eps, 1 + eps))
+    loss = -_clipped_objective(ratio, adv, 1 - eps, 1 + eps)
     return torch.where(m, loss, torch.zeros_like(loss)), torch.zeros_like(m)
 
 
