@@ -11,6 +11,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .entropy import entropy_from_logits
+from .toy import _clipped_objective
+from .covariance import first_order_entropy_change
+
 # %% auto #0
 __all__ = ['REGIONS', 'QUADRANTS', 'ENTROPY_LOWERING', 'ENTROPY_RAISING', 'READINGS', 'BAPO_DEFAULTS', 'BAPO_CODE_SCRIPT',
            'clipped_surrogate_loss', 'carries_gradient', 'clip_regions', 'clipped_surrogate_grad',
@@ -85,7 +89,7 @@ def clipped_surrogate_loss(ratio: Tensor, advantages: Tensor, low: float, high: 
     "Per-token loss `-min(r A, clip(r, low, high) A)` (to minimise) with explicit RATIO bounds, e.g. 0.8 and 1.28."
     ratio, advantages = _check_ratio_adv(ratio, advantages)
     low, high = _check_bounds(low, high)
-    return -torch.minimum(ratio * advantages, ratio.clamp(low, high) * advantages)
+    return -_clipped_objective(ratio, advantages, low, high)
 
 
 def carries_gradient(ratio: Tensor, advantages: Tensor, low: float, high: float) -> Tensor:
@@ -139,17 +143,11 @@ def clipped_surrogate_grad(z: Tensor, z_old: Tensor, advantages: Tensor,
     return pi * (xa - (pi * xa).sum(-1, keepdim=True))
 
 # %% ../nbs/03_clipping.ipynb #e42096d8
-def _cov_pi(pi: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    "Cov_pi(x, y) = sum_a pi_a (x_a - E_pi x)(y_a - E_pi y) along the last dimension."
-    return (pi * (x - (pi * x).sum(-1, keepdim=True)) * (y - (pi * y).sum(-1, keepdim=True))).sum(-1)
-
-
 def clipped_surrogate_entropy_change(z: Tensor, z_old: Tensor, advantages: Tensor, eps_low: float = 0.2,
                                      eps_high: float = 0.2, lr: float = 1.0) -> Tensor:
     "First-order entropy change -lr * Cov_pi(log pi, pi * (X A - E_pi[X A])) of the step z + lr * dL/dz."
     g = clipped_surrogate_grad(z, z_old, advantages, eps_low, eps_high)
-    logp = torch.log_softmax(z, dim=-1)
-    return -float(lr) * _cov_pi(logp.exp(), logp, g)
+    return first_order_entropy_change(z, float(lr) * g)
 
 # %% ../nbs/03_clipping.ipynb #cc84dd61
 QUADRANTS = ("pos_high", "pos_low", "neg_high", "neg_low")
@@ -187,16 +185,13 @@ def token_entropy_change(logits: Tensor, old_logits: Tensor, labels: Tensor, adv
     dtype = torch.promote_types(logits.dtype, torch.float32)
     lp = torch.log_softmax(logits.to(dtype), dim=-1)
     lp_old = torch.log_softmax(old_logits.to(dtype), dim=-1)
-    p = lp.exp()
-    H = -(p * lp).sum(-1)
     idx = labels.long()[:, None]
-    lp_y = lp.gather(-1, idx).squeeze(-1)
-    ratio = torch.exp(lp_y - lp_old.gather(-1, idx).squeeze(-1))
+    ratio = torch.exp(lp.gather(-1, idx).squeeze(-1) - lp_old.gather(-1, idx).squeeze(-1))
     a = advantages.to(dtype)
     X = carries_gradient(ratio, a, low, high).to(dtype)
-    cov_y = lp_y.exp() * (lp_y + H)                    # Cov_pi(log pi, e_y)
-    cov_p = (p * p * (lp + H[:, None])).sum(-1)        # Cov_pi(log pi, pi)
-    return -float(lr) * X * ratio * a * (cov_y - cov_p)
+    e_y = torch.zeros_like(lp).scatter_(-1, idx, 1.0)
+    step_dir = (X * ratio * a)[:, None] * (e_y - lp.exp())    # the logit step X r A (e_y - pi), per position
+    return first_order_entropy_change(lp, float(lr) * step_dir)
 
 # %% ../nbs/03_clipping.ipynb #6eb88873
 def synthetic_token_batch(n: int = 2000, vocab: int = 16, sharpness: float = 6.0, drift: float = 0.3,
@@ -216,7 +211,7 @@ def synthetic_token_batch(n: int = 2000, vocab: int = 16, sharpness: float = 6.0
     logp = lp.gather(-1, labels[:, None]).squeeze(-1)
     old_logp = lp_old.gather(-1, labels[:, None]).squeeze(-1)
     return {"logits": logits, "old_logits": old_logits, "labels": labels, "advantages": advantages,
-            "logp": logp, "old_logp": old_logp, "entropy": -(lp.exp() * lp).sum(-1), "ratio": (logp - old_logp).exp()}
+            "logp": logp, "old_logp": old_logp, "entropy": entropy_from_logits(logits), "ratio": (logp - old_logp).exp()}
 
 # %% ../nbs/03_clipping.ipynb #76d27953
 def clip_stats(ratio: Tensor, advantages: Tensor, logp: Tensor, entropy: Tensor, low: float, high: float,
