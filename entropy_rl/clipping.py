@@ -96,7 +96,12 @@ def carries_gradient(ratio: Tensor, advantages: Tensor, low: float, high: float)
     "Bool X: the token's clipped term depends on r, i.e. (A > 0 and r < high) or (A < 0 and r > low)."
     ratio, advantages = _check_ratio_adv(ratio, advantages)
     low, high = _check_bounds(low, high)
-    return ((advantages > 0) & (ratio < high)) | ((advantages < 0) & (ratio > low))
+    return _carries(ratio, advantages, low, high)
+
+
+def _carries(r: Tensor, a: Tensor, low: float, high: float) -> Tensor:
+    "`carries_gradient` without input checks (for validated inputs inside loops)."
+    return ((a > 0) & (r < high)) | ((a < 0) & (r > low))
 
 
 REGIONS = ("pos_inside", "pos_above", "pos_below", "neg_inside", "neg_above", "neg_below")
@@ -258,10 +263,9 @@ def _check_reading(reading: str) -> str:
 
 def _contribution_sums(r: Tensor, a: Tensor, m: Tensor, low: float, high: float, reading: str) -> Tensor:
     "float64 tensor [P, N] of positive / negative contributions (see the reading's definition)."
-    r_eff = torch.where(a >= 0, r.clamp(max=high), r.clamp(min=low))
-    c = r_eff * a * m
+    c = _clipped_objective(r, a, low, high) * m        # r_eff A M: the clipped objective (chapter 01)
     if reading == "paper":
-        c = c * (((a > 0) & (r < high)) | ((a < 0) & (r > low))).to(c.dtype)
+        c = c * _carries(r, a, low, high).to(c.dtype)
     return torch.stack([c.clamp(min=0).sum(), (-c).clamp(min=0).sum()])
 
 
