@@ -14,7 +14,8 @@ to naive and to the matmul, and achieved TFLOP/s counting 2NDV (forward) and 6ND
 
 Usage (from the repository root):
   PYTHONPATH=$PWD python bench/kernels.py                 # GPU if present, else scaled-down CPU
-  PYTHONPATH=$PWD python bench/kernels.py --device cpu --ns 512 1024 --d 128 --v 32768
+  PYTHONPATH=$PWD MALLOC_MMAP_THRESHOLD_=1048576 python bench/kernels.py --device cpu --ns 512 1024 --d 128 --v 32768
+  bench/results/kernels_cpu.txt: MALLOC_MMAP_THRESHOLD_=1048576 python bench/kernels.py --device cpu
 """
 import argparse
 import gc
@@ -191,7 +192,10 @@ def main(argv=None):
           " peak = extra memory of one forward+backward above the inputs")
     impls = make_impls(device)
     if device == "cpu":
+        print(f"# MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset')} (set it, e.g. to 1048576,"
+              " so freed blocks return to the OS and RSS peaks show what each head holds)")
         print("# CPU run: triton is skipped (the interpreter checks correctness, not speed); liger needs CUDA")
+        print("# GPU numbers (triton, liger, the H100 targets of issue 8) are pending: run this script on a CUDA machine")
     for n in cfg["ns"]:
         report(run_shape(impls, n, cfg["d"], cfg["v"], dtype, device, a.reps), n, cfg["d"], cfg["v"])
 

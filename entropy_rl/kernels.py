@@ -6,7 +6,7 @@
 __all__ = ['BACKENDS', 'naive_logprob_entropy', 'chunked_logprob_entropy', 'triton_logprob_entropy', 'fused_logprob_entropy',
            'cpu_peak_memory_mb']
 
-# %% ../nbs/07_kernels.ipynb #fc593118
+# %% ../nbs/07_kernels.ipynb #5152f582
 import math
 import os
 
@@ -20,7 +20,7 @@ try:  # Triton is optional: the CUDA kernels (and the CPU interpreter under TRIT
 except Exception:  # pragma: no cover - depends on the environment
     triton, tl, HAS_TRITON = None, None, False
 
-# %% ../nbs/07_kernels.ipynb #3c47e8b5
+# %% ../nbs/07_kernels.ipynb #b39f3500
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -46,7 +46,8 @@ def _check_inputs(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: f
     if hidden.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"hidden must be float16/bfloat16/float32/float64, got {hidden.dtype}")
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype "
+                        "(e.g. pass weight.to(hidden.dtype): autograd still reaches the original weight)")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if isinstance(temperature, Tensor):
@@ -68,7 +69,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     "fp32 accumulation for every input dtype; float64 stays float64."
     return torch.float64 if dtype == torch.float64 else torch.float32
 
-# %% ../nbs/07_kernels.ipynb #e5285ed0
+# %% ../nbs/07_kernels.ipynb #12dc8968
 def naive_logprob_entropy(
     hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0, ignore_index: int = -100
 ) -> tuple[Tensor, Tensor]:
@@ -83,7 +84,7 @@ def naive_logprob_entropy(
     zero = torch.zeros((), dtype=ct, device=hidden.device)
     return torch.where(valid, logp, zero), torch.where(valid, ent, zero)
 
-# %% ../nbs/07_kernels.ipynb #9a42d841
+# %% ../nbs/07_kernels.ipynb #04ae20cf
 def _torch_stats(hidden: Tensor, weight: Tensor, labels: Tensor, inv_temp: float,
                  chunk_size: int, vocab_chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Online log-sum-exp over vocabulary chunks, token chunk by token chunk.
@@ -123,7 +124,7 @@ def _torch_stats(hidden: Tensor, weight: Tensor, labels: Tensor, inv_temp: float
         ent[sl] = log_s - t / s              # >= 0: t <= 0
     return lse, ez, logp, ent
 
-# %% ../nbs/07_kernels.ipynb #f2871634
+# %% ../nbs/07_kernels.ipynb #43db3fcb
 def _torch_backward(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, ez: Tensor,
                     g_lp: Tensor, g_h: Tensor, inv_temp: float, chunk_size: int, vocab_chunk_size: int,
                     need_dh: bool, need_dw: bool) -> tuple[Tensor | None, Tensor | None]:
@@ -153,7 +154,7 @@ def _torch_backward(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
             del z, p, dz
     return dh, dw
 
-# %% ../nbs/07_kernels.ipynb #82ad4545
+# %% ../nbs/07_kernels.ipynb #4010f95f
 class _ChunkedHead(torch.autograd.Function):
     "Chunked pure-torch fused head: saves only hidden, weight, labels and two [N] vectors."
 
@@ -200,7 +201,7 @@ def chunked_logprob_entropy(
     _check_chunks(chunk_size, vocab_chunk_size)
     return _ChunkedHead.apply(hidden, weight, labels, temperature, ignore_index, chunk_size, vocab_chunk_size)
 
-# %% ../nbs/07_kernels.ipynb #fd282c66
+# %% ../nbs/07_kernels.ipynb #221240f2
 if HAS_TRITON:
 
     @triton.jit
@@ -212,7 +213,7 @@ if HAS_TRITON:
         "One program: BLOCK_N tokens x one vocabulary split; writes partial (m, S, T, z_y)."
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)   # 64-bit addresses: V*D may pass 2^31
         row_ok = rows < N
         y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
         m = tl.full([BLOCK_N], -1e30, tl.float32)     # finite start: (m - m_new) * 0 stays 0
@@ -222,7 +223,7 @@ if HAS_TRITON:
         v_start = pid_s * v_per_split
         v_end = tl.minimum(v_start + v_per_split, V)
         for v0 in range(v_start, v_end, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
+            cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
             col_ok = cols < v_end
             acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -261,7 +262,7 @@ if HAS_TRITON:
         "Recompute a logits tile, form dz, accumulate dh = dz W and dW = dz^T h (fp32 atomics)."
         pid_n = tl.program_id(0)
         pid_s = tl.program_id(1)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)   # 64-bit addresses: V*D may pass 2^31
         row_ok = rows < N
         y = tl.load(y_ptr + rows, mask=row_ok, other=-1)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -271,7 +272,7 @@ if HAS_TRITON:
         v_start = pid_s * v_per_split
         v_end = tl.minimum(v_start + v_per_split, V)
         for v0 in range(v_start, v_end, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
+            cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
             col_ok = cols < v_end
             acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
             for d0 in range(0, D, BLOCK_D):
@@ -314,7 +315,7 @@ if HAS_TRITON:
                     tl.atomic_add(dw_ptr + cols[:, None] * D + ds[None, :], dwb,
                                   mask=col_ok[:, None] & d_ok[None, :])
 
-# %% ../nbs/07_kernels.ipynb #ac1b3637
+# %% ../nbs/07_kernels.ipynb #09f8956e
 def _interpreting() -> bool:
     "Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, set before importing triton)."
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -423,7 +424,7 @@ def triton_logprob_entropy(
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     return _TritonHead.apply(hidden, weight, labels, temperature, ignore_index, blocks)
 
-# %% ../nbs/07_kernels.ipynb #89aeba88
+# %% ../nbs/07_kernels.ipynb #5b79ed01
 BACKENDS = ("auto", "triton", "torch", "naive")
 
 
@@ -449,7 +450,7 @@ def fused_logprob_entropy(
         return naive_logprob_entropy(hidden, weight, labels, temperature, ignore_index)
     return chunked_logprob_entropy(hidden, weight, labels, temperature, ignore_index, chunk_size, vocab_chunk_size)
 
-# %% ../nbs/07_kernels.ipynb #32283bfb
+# %% ../nbs/07_kernels.ipynb #212d98fd
 def _proc_status_mb(field: str) -> float:
     "A memory field (VmRSS, VmHWM) of /proc/self/status in MiB."
     with open("/proc/self/status") as f:
