@@ -6,7 +6,7 @@
 __all__ = ['BACKENDS', 'naive_logprob_entropy', 'chunked_logprob_entropy', 'triton_logprob_entropy', 'fused_logprob_entropy',
            'cpu_peak_memory_mb']
 
-# %% ../nbs/07_kernels.ipynb #5152f582
+# %% ../nbs/07_kernels.ipynb #88ab835d
 import math
 import os
 
@@ -20,7 +20,7 @@ try:  # Triton is optional: the CUDA kernels (and the CPU interpreter under TRIT
 except Exception:  # pragma: no cover - depends on the environment
     triton, tl, HAS_TRITON = None, None, False
 
-# %% ../nbs/07_kernels.ipynb #b39f3500
+# %% ../nbs/07_kernels.ipynb #ed235f3f
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -69,7 +69,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     "fp32 accumulation for every input dtype; float64 stays float64."
     return torch.float64 if dtype == torch.float64 else torch.float32
 
-# %% ../nbs/07_kernels.ipynb #12dc8968
+# %% ../nbs/07_kernels.ipynb #4d5b6bb7
 def naive_logprob_entropy(
     hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0, ignore_index: int = -100
 ) -> tuple[Tensor, Tensor]:
@@ -84,7 +84,7 @@ def naive_logprob_entropy(
     zero = torch.zeros((), dtype=ct, device=hidden.device)
     return torch.where(valid, logp, zero), torch.where(valid, ent, zero)
 
-# %% ../nbs/07_kernels.ipynb #04ae20cf
+# %% ../nbs/07_kernels.ipynb #1a820a33
 def _torch_stats(hidden: Tensor, weight: Tensor, labels: Tensor, inv_temp: float,
                  chunk_size: int, vocab_chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Online log-sum-exp over vocabulary chunks, token chunk by token chunk.
@@ -124,7 +124,7 @@ def _torch_stats(hidden: Tensor, weight: Tensor, labels: Tensor, inv_temp: float
         ent[sl] = log_s - t / s              # >= 0: t <= 0
     return lse, ez, logp, ent
 
-# %% ../nbs/07_kernels.ipynb #43db3fcb
+# %% ../nbs/07_kernels.ipynb #76c58805
 def _torch_backward(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, ez: Tensor,
                     g_lp: Tensor, g_h: Tensor, inv_temp: float, chunk_size: int, vocab_chunk_size: int,
                     need_dh: bool, need_dw: bool) -> tuple[Tensor | None, Tensor | None]:
@@ -154,7 +154,7 @@ def _torch_backward(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
             del z, p, dz
     return dh, dw
 
-# %% ../nbs/07_kernels.ipynb #4010f95f
+# %% ../nbs/07_kernels.ipynb #1f9585a4
 class _ChunkedHead(torch.autograd.Function):
     "Chunked pure-torch fused head: saves only hidden, weight, labels and two [N] vectors."
 
@@ -201,7 +201,7 @@ def chunked_logprob_entropy(
     _check_chunks(chunk_size, vocab_chunk_size)
     return _ChunkedHead.apply(hidden, weight, labels, temperature, ignore_index, chunk_size, vocab_chunk_size)
 
-# %% ../nbs/07_kernels.ipynb #221240f2
+# %% ../nbs/07_kernels.ipynb #d6d8bbae
 if HAS_TRITON:
 
     @triton.jit
@@ -315,7 +315,7 @@ if HAS_TRITON:
                     tl.atomic_add(dw_ptr + cols[:, None] * D + ds[None, :], dwb,
                                   mask=col_ok[:, None] & d_ok[None, :])
 
-# %% ../nbs/07_kernels.ipynb #09f8956e
+# %% ../nbs/07_kernels.ipynb #0e93270e
 def _interpreting() -> bool:
     "Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, set before importing triton)."
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -324,10 +324,12 @@ def _interpreting() -> bool:
 def _triton_config(hidden: Tensor, n: int, v: int, blocks: dict | None) -> dict:
     "Block sizes, vocabulary splits and dot precision for this call."
     interp = _interpreting()
-    cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, num_splits=2, num_warps=1) if interp else \
-        dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_splits=None, num_warps=8)
+    # CUDA tiles: with bf16 on sm_90 both kernels compile without register spills
+    # (the backward's D slice is narrower: it holds the dz tile and two products at once)
+    cfg = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16, BWD_BLOCK_D=16, num_splits=2, num_warps=1) if interp else \
+        dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, BWD_BLOCK_D=32, num_splits=None, num_warps=8)
     cfg.update(blocks or {})
-    for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D"):
+    for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D", "BWD_BLOCK_D"):
         b = cfg[k]
         if not isinstance(b, int) or b < 16 or b & (b - 1):
             raise ValueError(f"{k} must be a power of two >= 16, got {b!r}")
@@ -402,7 +404,7 @@ class _TritonHead(torch.autograd.Function):
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), cfg["num_splits"])
         _bwd_kernel[grid](hidden, weight, safe, lse, ez, g_lp, g_h, dh, dw, n, v, d, ctx.inv_temp, cfg["v_per_split"],
                           hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-                          BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+                          BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BWD_BLOCK_D"],
                           DOT_FP32=cfg["DOT_FP32"], PREC=cfg["PREC"], LOWP_DZ=cfg["LOWP_DZ"],
                           NEED_DH=need_dh, NEED_DW=need_dw, num_warps=cfg["num_warps"])
         dh = dh.to(hidden.dtype) if need_dh else None
@@ -422,9 +424,11 @@ def triton_logprob_entropy(
         raise TypeError("backend='triton' takes float16/bfloat16/float32; use backend='torch' for float64")
     if not hidden.is_cuda and not _interpreting():
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    if hidden.shape[0] == 0:   # nothing to launch: an empty result that still joins the graph
+        return _ChunkedHead.apply(hidden, weight, labels, temperature, ignore_index, 1, 1)
     return _TritonHead.apply(hidden, weight, labels, temperature, ignore_index, blocks)
 
-# %% ../nbs/07_kernels.ipynb #5b79ed01
+# %% ../nbs/07_kernels.ipynb #5eb4497e
 BACKENDS = ("auto", "triton", "torch", "naive")
 
 
@@ -450,7 +454,7 @@ def fused_logprob_entropy(
         return naive_logprob_entropy(hidden, weight, labels, temperature, ignore_index)
     return chunked_logprob_entropy(hidden, weight, labels, temperature, ignore_index, chunk_size, vocab_chunk_size)
 
-# %% ../nbs/07_kernels.ipynb #212d98fd
+# %% ../nbs/07_kernels.ipynb #fac4df16
 def _proc_status_mb(field: str) -> float:
     "A memory field (VmRSS, VmHWM) of /proc/self/status in MiB."
     with open("/proc/self/status") as f:

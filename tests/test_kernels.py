@@ -109,7 +109,7 @@ def test_triton_low_precision_matches_naive(dtype):
 
 @needs_triton
 @pytest.mark.parametrize("blocks", [dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32, num_splits=1),
-                                    dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16, num_splits=5)])
+                                    dict(BLOCK_N=16, BLOCK_V=16, BLOCK_D=16, BWD_BLOCK_D=32, num_splits=5)])
 def test_triton_tilings(blocks):
     # D = 40 and N = 45 are not multiples of the tiles either
     check_against_naive(tri(**blocks), *make_case(45, 40, 257, seed=3))
@@ -171,6 +171,44 @@ def test_triton_cases_in_fresh_process():
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
                           "triton and not fresh_process"], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-3000:]
+
+
+_AOT = r"""
+import sys, triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from entropy_rl.kernels import _fwd_kernel, _bwd_kernel
+common = {"N": "i32", "V": "i32", "D": "i32", "inv_temp": "fp32", "v_per_split": "i32",
+          "stride_hn": "i32", "stride_hd": "i32", "stride_wv": "i32", "stride_wd": "i32",
+          "BLOCK_N": "constexpr", "BLOCK_V": "constexpr", "BLOCK_D": "constexpr",
+          "DOT_FP32": "constexpr", "PREC": "constexpr"}
+for dt in ("bf16", "fp32"):
+    ptrs = {"h_ptr": "*" + dt, "w_ptr": "*" + dt, "y_ptr": "*i64"}
+    f32 = dt == "fp32"
+    fsig = {**ptrs, **{k: "*fp32" for k in ("m_ptr", "s_ptr", "t_ptr", "zy_ptr")}, **common, "n_splits": "i32"}
+    fsig = {k: fsig[k] for k in _fwd_kernel.arg_names}
+    bsig = {**ptrs, **{k: "*fp32" for k in ("lse_ptr", "ez_ptr", "glp_ptr", "gh_ptr", "dh_ptr", "dw_ptr")}, **common,
+            "LOWP_DZ": "constexpr", "NEED_DH": "constexpr", "NEED_DW": "constexpr"}
+    bsig = {k: bsig[k] for k in _bwd_kernel.arg_names}
+    tiles = dict(BLOCK_N=64, BLOCK_V=128, DOT_FP32=f32, PREC="ieee")
+    for fn, sig, cx in ((_fwd_kernel, fsig, dict(tiles, BLOCK_D=64)),
+                        (_bwd_kernel, bsig, dict(tiles, BLOCK_D=32, LOWP_DZ=not f32, NEED_DH=True, NEED_DW=True))):
+        k = triton.compile(ASTSource(fn, sig, cx), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=8))
+        assert "cubin" in k.asm, sorted(k.asm)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton missing")
+def test_triton_kernels_compile_for_sm90():
+    # The interpreter does not type-check like the compiler; this compiles both kernels for an
+    # H100 (sm_90, to cubin) without needing a GPU, in a process without TRITON_INTERPRET.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env)
+    if out.returncode != 0 and ("ptxas" in out.stderr and "not found" in out.stderr.lower()):
+        pytest.skip("no ptxas available to the triton install")
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------ chunked torch head
@@ -313,3 +351,38 @@ def test_chunked_peak_memory_far_below_logits():
     naive_mb, _ = cpu_peak_memory_mb(lambda: naive_logprob_entropy(h.detach(), w.detach(), y.cpu()))
     assert naive_mb > logits_mb, (naive_mb, logits_mb)
     assert fused_mb < logits_mb / 8, (fused_mb, logits_mb)
+
+
+# ------------------------------------------------------------------------------ edge cases
+@pytest.mark.parametrize("backend", ["torch", "naive", "triton"])
+def test_no_tokens(backend):
+    if backend == "triton" and not TRITON_HERE:
+        pytest.skip("triton not usable in this process")
+    h, w, _ = make_case(1, 8, 50)
+    h = h[:0].clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    lp, H = fused_logprob_entropy(h, w, torch.zeros(0, dtype=torch.long, device=DEV), backend=backend)
+    assert lp.shape == H.shape == (0,) and lp.dtype == torch.float32
+    (lp.sum() + H.sum()).backward()
+    assert w.grad is None or (w.grad == 0).all()
+
+
+def test_chunked_under_torch_compile_with_ignore_rows():
+    # Liger #1338: ignore-index rows silently wrong under compilation. aot_eager traces the graph
+    # (autograd.Function included) without needing a C++ compiler.
+    h, w, y = make_case(24, 16, 100, ignore_every=3)
+
+    def loss(h, w):
+        lp, H = chunked_logprob_entropy(h, w, y, 0.8, chunk_size=7, vocab_chunk_size=33)
+        return (lp * torch.linspace(-1, 1, len(y), device=DEV)).sum() + 0.3 * H.sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=False)
+    outs = []
+    for f in (loss, compiled):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        val = f(hh, ww)
+        val.backward()
+        outs.append((val.detach(), hh.grad, ww.grad))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert (outs[1][1][y == -100] == 0).all()
