@@ -6,7 +6,7 @@
 __all__ = ['BACKENDS', 'naive_logprob_entropy', 'chunked_logprob_entropy', 'triton_logprob_entropy', 'fused_logprob_entropy',
            'cpu_peak_memory_mb']
 
-# %% ../nbs/07_kernels.ipynb #88ab835d
+# %% ../nbs/07_kernels.ipynb #3a264223
 import math
 import os
 
@@ -20,7 +20,7 @@ try:  # Triton is optional: the CUDA kernels (and the CPU interpreter under TRIT
 except Exception:  # pragma: no cover - depends on the environment
     triton, tl, HAS_TRITON = None, None, False
 
-# %% ../nbs/07_kernels.ipynb #ed235f3f
+# %% ../nbs/07_kernels.ipynb #003eab94
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -69,7 +69,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     "fp32 accumulation for every input dtype; float64 stays float64."
     return torch.float64 if dtype == torch.float64 else torch.float32
 
-# %% ../nbs/07_kernels.ipynb #4d5b6bb7
+# %% ../nbs/07_kernels.ipynb #f80192ac
 def naive_logprob_entropy(
     hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0, ignore_index: int = -100
 ) -> tuple[Tensor, Tensor]:
@@ -84,7 +84,7 @@ def naive_logprob_entropy(
     zero = torch.zeros((), dtype=ct, device=hidden.device)
     return torch.where(valid, logp, zero), torch.where(valid, ent, zero)
 
-# %% ../nbs/07_kernels.ipynb #1a820a33
+# %% ../nbs/07_kernels.ipynb #b8cf8acb
 def _torch_stats(hidden: Tensor, weight: Tensor, labels: Tensor, inv_temp: float,
                  chunk_size: int, vocab_chunk_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Online log-sum-exp over vocabulary chunks, token chunk by token chunk.
@@ -124,7 +124,7 @@ def _torch_stats(hidden: Tensor, weight: Tensor, labels: Tensor, inv_temp: float
         ent[sl] = log_s - t / s              # >= 0: t <= 0
     return lse, ez, logp, ent
 
-# %% ../nbs/07_kernels.ipynb #76c58805
+# %% ../nbs/07_kernels.ipynb #1ac63e16
 def _torch_backward(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, ez: Tensor,
                     g_lp: Tensor, g_h: Tensor, inv_temp: float, chunk_size: int, vocab_chunk_size: int,
                     need_dh: bool, need_dw: bool) -> tuple[Tensor | None, Tensor | None]:
@@ -154,7 +154,7 @@ def _torch_backward(hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor,
             del z, p, dz
     return dh, dw
 
-# %% ../nbs/07_kernels.ipynb #1f9585a4
+# %% ../nbs/07_kernels.ipynb #325bf56b
 class _ChunkedHead(torch.autograd.Function):
     "Chunked pure-torch fused head: saves only hidden, weight, labels and two [N] vectors."
 
@@ -201,7 +201,7 @@ def chunked_logprob_entropy(
     _check_chunks(chunk_size, vocab_chunk_size)
     return _ChunkedHead.apply(hidden, weight, labels, temperature, ignore_index, chunk_size, vocab_chunk_size)
 
-# %% ../nbs/07_kernels.ipynb #d6d8bbae
+# %% ../nbs/07_kernels.ipynb #76449378
 if HAS_TRITON:
 
     @triton.jit
@@ -315,7 +315,7 @@ if HAS_TRITON:
                     tl.atomic_add(dw_ptr + cols[:, None] * D + ds[None, :], dwb,
                                   mask=col_ok[:, None] & d_ok[None, :])
 
-# %% ../nbs/07_kernels.ipynb #0e93270e
+# %% ../nbs/07_kernels.ipynb #ab89620e
 def _interpreting() -> bool:
     "Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, set before importing triton)."
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -428,7 +428,7 @@ def triton_logprob_entropy(
         return _ChunkedHead.apply(hidden, weight, labels, temperature, ignore_index, 1, 1)
     return _TritonHead.apply(hidden, weight, labels, temperature, ignore_index, blocks)
 
-# %% ../nbs/07_kernels.ipynb #5eb4497e
+# %% ../nbs/07_kernels.ipynb #d153e988
 BACKENDS = ("auto", "triton", "torch", "naive")
 
 
@@ -454,7 +454,7 @@ def fused_logprob_entropy(
         return naive_logprob_entropy(hidden, weight, labels, temperature, ignore_index)
     return chunked_logprob_entropy(hidden, weight, labels, temperature, ignore_index, chunk_size, vocab_chunk_size)
 
-# %% ../nbs/07_kernels.ipynb #fac4df16
+# %% ../nbs/07_kernels.ipynb #3f38139a
 def _proc_status_mb(field: str) -> float:
     "A memory field (VmRSS, VmHWM) of /proc/self/status in MiB."
     with open("/proc/self/status") as f:
