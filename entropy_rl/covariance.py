@@ -9,7 +9,7 @@ __all__ = ['CLIP_COV_RATIO', 'CLIP_COV_LB', 'CLIP_COV_UB', 'KL_COV_K_VERL', 'KL_
            'fraction_to_percent', 'selection_count', 'clip_cov_loss', 'kl_cov_loss', 'simulate_bandit_grpo',
            'fit_entropy_reward', 'entropy_contribution_numbers', 'entropy_contribution_view']
 
-# %% ../nbs/02_covariance.ipynb #2d11670b
+# %% ../nbs/02_covariance.ipynb #35467ed4
 import math
 from typing import Callable, Optional
 
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .toy import policy_entropy
 
-# %% ../nbs/02_covariance.ipynb #c656761a
+# %% ../nbs/02_covariance.ipynb #7e751d8b
 def _check_pair(a: Tensor, b: Tensor, na: str, nb: str) -> None:
     for t, n in ((a, na), (b, nb)):
         if not isinstance(t, Tensor):
@@ -52,7 +52,7 @@ def exact_entropy_change(logits: Tensor, delta_logits: Tensor) -> Tensor:
     _check_pair(logits, delta_logits, "logits", "delta_logits")
     return policy_entropy(logits + delta_logits) - policy_entropy(logits)
 
-# %% ../nbs/02_covariance.ipynb #241b017e
+# %% ../nbs/02_covariance.ipynb #0a1b72a6
 def vanilla_pg_entropy_change(logits: Tensor, advantages: Tensor, lr: float) -> Tensor:
     "First-order ΔH of a vanilla policy-gradient step Δz = lr·π⊙A: −lr·Cov_π(log π, π⊙A)."
     _check_pair(logits, advantages, "logits", "advantages")
@@ -64,7 +64,7 @@ def natural_pg_entropy_change(logits: Tensor, advantages: Tensor, lr: float) -> 
     _check_pair(logits, advantages, "logits", "advantages")
     return first_order_entropy_change(logits, lr * advantages)
 
-# %% ../nbs/02_covariance.ipynb #be7d3016
+# %% ../nbs/02_covariance.ipynb #bcc6f504
 def _as_bool_mask(mask: Tensor, shape: torch.Size) -> Tensor:
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
@@ -136,7 +136,7 @@ def token_covariance(logp: Tensor, advantages: Tensor, mask: Tensor, scope: str 
         raise ValueError(f"scope must be 'micro_batch' or 'global', got {scope!r}")
     return torch.where(m, (a - mean_a) * (lp - mean_lp), torch.zeros_like(lp))
 
-# %% ../nbs/02_covariance.ipynb #413ac6fb
+# %% ../nbs/02_covariance.ipynb #59a3e3df
 CLIP_COV_RATIO = 2e-4      # ρ, fraction of valid tokens whose loss Clip-Cov zeroes
 CLIP_COV_LB = 1.0          # candidates need lb < Cov < ub
 CLIP_COV_UB = 5.0
@@ -169,7 +169,7 @@ def selection_count(fraction: float, n_valid: int) -> int:
         return 0
     return max(1, int(math.floor(fraction * n_valid + 1e-9)))
 
-# %% ../nbs/02_covariance.ipynb #2553425a
+# %% ../nbs/02_covariance.ipynb #eaaa1fec
 def _scope_of(global_stats: Optional[tuple]) -> str:
     return "micro_batch" if global_stats is None else "global"
 
@@ -221,7 +221,7 @@ def kl_cov_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
     loss = loss + torch.where(selected, beta * log_ratio.abs(), torch.zeros_like(loss))
     return torch.where(m, loss, torch.zeros_like(loss)), selected
 
-# %% ../nbs/02_covariance.ipynb #3d20742a
+# %% ../nbs/02_covariance.ipynb #28f37b19
 def _ppo_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps: float = 0.2) -> tuple:
     adv, m = _check_tokens(logp, advantages, mask, old_logp)
     ratio = torch.exp(logp - old_logp)
@@ -269,7 +269,7 @@ def simulate_bandit_grpo(method: str = "grpo", *, n_prompts: int = 16, n_arms: i
         nsel.append(count / epochs)
     return dict(entropy=torch.stack(ent), reward=torch.stack(rew), selected=torch.tensor(nsel))
 
-# %% ../nbs/02_covariance.ipynb #92944316
+# %% ../nbs/02_covariance.ipynb #66215f42
 def fit_entropy_reward(H, R) -> dict:
     "Least-squares fit of R = −a·exp(H) + b to (entropy, reward) pairs; returns dict(a, b, ceiling=b − a)."
     H = torch.as_tensor(H, dtype=torch.float64).reshape(-1)
@@ -289,7 +289,7 @@ def fit_entropy_reward(H, R) -> dict:
     b = float(R.mean() + a * x.mean())
     return dict(a=a, b=b, ceiling=b - a)
 
-# %% ../nbs/02_covariance.ipynb #d5ebaf37
+# %% ../nbs/02_covariance.ipynb #f5801fec
 def _one_action_policy(prob: Tensor, advantage: Tensor, n_actions: int) -> tuple:
     "Logits and advantages where action 0 has probability `prob`, advantage `advantage`; others share 1 − prob, advantage 0."
     prob = torch.as_tensor(prob, dtype=torch.float64)

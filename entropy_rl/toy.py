@@ -7,13 +7,13 @@ __all__ = ['policy_probs', 'policy_log_probs', 'policy_entropy', 'finite_differe
            'vanilla_pg_direction', 'fisher_matrix', 'natural_pg_direction', 'ppo_surrogate', 'ppo_direction', 'step',
            'run_steps']
 
-# %% ../nbs/01_toy.ipynb #d10acada
+# %% ../nbs/01_toy.ipynb #8902f420
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-# %% ../nbs/01_toy.ipynb #ce138b29
+# %% ../nbs/01_toy.ipynb #36c238da
 def _check_logits(z: Tensor, name: str = "z") -> None:
     if not isinstance(z, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(z).__name__}")
@@ -29,7 +29,7 @@ def _check_same_shape(a: Tensor, b: Tensor, na: str, nb: str) -> None:
     if a.shape != b.shape:
         raise ValueError(f"{na} and {nb} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
-# %% ../nbs/01_toy.ipynb #806d9ff7
+# %% ../nbs/01_toy.ipynb #b3322016
 def policy_probs(z: Tensor) -> Tensor:
     "Softmax probabilities π of logits `z` [..., K] along the last dimension."
     _check_logits(z)
@@ -47,10 +47,10 @@ def policy_entropy(z: Tensor) -> Tensor:
     _check_logits(z)
     logp = torch.log_softmax(z, dim=-1)
     p = logp.exp()
-    # 0·log 0 = 0 for actions with logit −inf
-    return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    # 0·log 0 = 0 for actions with logit −inf (replacing log 0 before the product keeps gradients finite)
+    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
 
-# %% ../nbs/01_toy.ipynb #5f1ada98
+# %% ../nbs/01_toy.ipynb #2a1daa01
 def finite_difference_grad(f: Callable[[Tensor], Tensor], z: Tensor, eps: float = 1e-6) -> Tensor:
     "Central-difference gradient of the scalar function `f` at `z` (any shape); same shape as `z`."
     if not isinstance(z, Tensor) or not z.is_floating_point():
@@ -66,12 +66,13 @@ def finite_difference_grad(f: Callable[[Tensor], Tensor], z: Tensor, eps: float 
             e[i] = eps
             fp = f((flat + e).reshape(z.shape))
             fm = f((flat - e).reshape(z.shape))
-            if not isinstance(fp, Tensor) or fp.numel() != 1:
+            fp, fm = (v if isinstance(v, Tensor) else torch.tensor(float(v), dtype=torch.float64) for v in (fp, fm))
+            if fp.numel() != 1 or fm.numel() != 1:
                 raise ValueError("f must return a scalar")
-            grad[i] = (fp - fm).reshape(()) / (2 * eps)
+            grad[i] = (fp - fm).reshape(()).to(grad.dtype) / (2 * eps)
     return grad.reshape(z.shape)
 
-# %% ../nbs/01_toy.ipynb #1374b520
+# %% ../nbs/01_toy.ipynb #cf2a8517
 def expected_reward(z: Tensor, rewards: Tensor) -> Tensor:
     "Expected reward J = Σ_y π_y R_y of the policy with logits `z` [..., K]; returns [...]."
     _check_logits(z)
@@ -88,7 +89,7 @@ def vanilla_pg_direction(z: Tensor, rewards: Tensor) -> Tensor:
     "Exact policy gradient ∂J/∂z = π ⊙ (R − E_π R) for J = Σ π R."
     return policy_probs(z) * advantages_under(z, rewards)
 
-# %% ../nbs/01_toy.ipynb #c5cc960b
+# %% ../nbs/01_toy.ipynb #a33a6e3d
 def fisher_matrix(z: Tensor) -> Tensor:
     "Fisher information diag(π) − ππᵀ of the softmax policy in logit coordinates, [..., K, K]."
     p = policy_probs(z)
@@ -99,7 +100,7 @@ def natural_pg_direction(z: Tensor, rewards: Tensor) -> Tensor:
     "Natural policy gradient R − E_π R (solves F·d = ∂J/∂z; defined up to a constant shift)."
     return advantages_under(z, rewards)
 
-# %% ../nbs/01_toy.ipynb #2fc6aebe
+# %% ../nbs/01_toy.ipynb #dafa7552
 def ppo_surrogate(z: Tensor, z_old: Tensor, advantages: Tensor, eps_low: float = 0.2, eps_high: float = 0.2) -> Tensor:
     "Exact PPO clipped surrogate Σ_y π_old(y)·min(r_y A_y, clip(r_y, 1−eps_low, 1+eps_high) A_y), summed to a scalar."
     _check_logits(z)
@@ -122,7 +123,7 @@ def ppo_direction(z: Tensor, z_old: Tensor, advantages: Tensor, eps_low: float =
         (grad,) = torch.autograd.grad(loss, zz)
     return grad
 
-# %% ../nbs/01_toy.ipynb #bd6a19e4
+# %% ../nbs/01_toy.ipynb #90712e57
 def step(z: Tensor, direction: Tensor, lr: float) -> Tensor:
     "One ascent step z + lr·direction (returns a new tensor)."
     _check_logits(z)

@@ -135,3 +135,9 @@ def test_toy_bad_input():
         toy.ppo_surrogate(z, z, z, eps_low=-0.1)
     with pytest.raises(ValueError):
         toy.finite_difference_grad(lambda v: v, z)  # not a scalar
+
+
+def test_finite_difference_grad_accepts_python_numbers():
+    z = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    g = toy.finite_difference_grad(lambda v: float((v ** 3).sum()), z)
+    assert torch.allclose(g, 3 * z ** 2, atol=1e-8)
