@@ -18,7 +18,8 @@ def cli(*args, cwd=None):
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
-SMALL = ["--model", "tiny", "prompts_per_step=2", "group_size=2", "max_new_tokens=4", "progress=false"]
+SMALL = ["--model", "tiny", "prompts_per_step=2", "group_size=2", "max_new_tokens=4", "progress=false",
+         "task_options.instruction=null"]
 
 
 def test_train_eval_plot_end_to_end(tmp_path):
