@@ -228,7 +228,10 @@ def build_task(config: TrainConfig):
 def _sample_problems(task, n: int, split: str, seed: int) -> list:
     return task.sample(n, split=split, seed=seed)
 
-def _prompts(tokenizer, problems) -> list[str]:
+def _prompts(tokenizer, problems, task=None) -> list[str]:
+    "Chat prompts: the task's own (with its system line) when it has one, else the bare chat template."
+    if hasattr(task, "prompt"):
+        return [task.prompt(tokenizer, p) for p in problems]
     from entropy_rl.tasks import build_prompt
     return [build_prompt(tokenizer, p.question) for p in problems]
 
@@ -481,7 +484,7 @@ class Trainer:
         problems = _sample_problems(self.task, c.prompts_per_step, "train", seed=c.seed * 1_000_003 + step)
         self.model.eval()  # no dropout: the old and new log-probs come from the same function
         with torch.no_grad(), acc.autocast():
-            batch = _generate(self.engine, _prompts(self.tokenizer, problems), c.group_size, c,
+            batch = _generate(self.engine, _prompts(self.tokenizer, problems, self.task), c.group_size, c,
                               self.generators["rollout"])
         t_roll = time.perf_counter() - t0
         gids = batch.group_ids.tolist() if torch.is_tensor(batch.group_ids) else list(batch.group_ids)
@@ -626,7 +629,7 @@ def evaluate(model, tokenizer, task, n_problems: int = 32, k: int = 1, *, sample
     with torch.no_grad():
         for i in range(0, len(problems), batch_prompts):
             chunk = problems[i:i + batch_prompts]
-            batch = _generate(engine, _prompts(tokenizer, chunk), samples, cfg, gen)
+            batch = _generate(engine, _prompts(tokenizer, chunk, task), samples, cfg, gen)
             ok = [task.reward(t, chunk[j // samples]) >= 1 for j, t in enumerate(batch.texts)]
             correct += [sum(ok[j * samples:(j + 1) * samples]) for j in range(len(chunk))]
     model.train(was_training)
