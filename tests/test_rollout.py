@@ -1,0 +1,27 @@
+"Rollout on the real default model (slow) and end-to-end with the tiny model and a task."
+import pytest, torch
+from entropy_rl.models import tiny_model, load_model
+from entropy_rl.tasks import ArithmeticTask, build_prompt
+from entropy_rl.rollout import TransformersEngine, response_logprobs
+
+
+def test_tiny_end_to_end_rewards():
+    model, tok = tiny_model(1)
+    task = ArithmeticTask()
+    probs = task.sample(3, seed=0)
+    b = TransformersEngine(model, tok).generate([build_prompt(tok, p.question) for p in probs], num_samples=2,
+                                                max_new_tokens=6, seed=0)
+    rewards = torch.tensor([task.reward(t, probs[g]) for t, g in zip(b.texts, b.group_ids.tolist())])
+    assert rewards.shape == (6,) and set(rewards.tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.slow
+def test_default_model_rollout_logprobs_match_recompute():
+    model, tok = load_model()
+    task = ArithmeticTask()
+    probs = task.sample(2, seed=0)
+    b = TransformersEngine(model, tok).generate([build_prompt(tok, p.question) for p in probs], num_samples=2,
+                                                max_new_tokens=12, seed=0)
+    assert b.response_ids.shape[0] == 4 and all(isinstance(t, str) for t in b.texts)
+    ref = response_logprobs(model, b)
+    assert torch.allclose(b.sampling_logprobs, ref, atol=2e-3), (b.sampling_logprobs - ref).abs().max()

@@ -1,0 +1,139 @@
+"End-to-end and bad-input tests of entropy_rl.trainer on the tiny random model (fast); one slow test on the default model."
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from entropy_rl.losses import list_losses
+from entropy_rl.trainer import TrainConfig, Trainer, read_metrics, train
+
+TINY = dict(model="tiny", prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-2, progress=False, plot=False,
+            task_options={"instruction": None})
+
+
+def odd_length(text, problem):
+    "Stand-in verifier: a random model never solves a sum, this gives groups reward variance."
+    return float(len(text) % 2)
+
+
+def strip_timing(records):
+    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in records]
+
+
+def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
+    kw = dict(TINY, minibatches=2, grad_accum=2, epochs_per_step=2, reward_fn=odd_length)
+    full = train(steps=4, output_dir=str(tmp_path / "full"), **kw).metrics
+    train(steps=2, output_dir=str(tmp_path / "split"), **kw)
+    resumed = train(steps=4, output_dir=str(tmp_path / "split"), **kw).metrics
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert strip_timing(full) == strip_timing(resumed)          # exact, not approximate
+    assert any(r["ratio_max"] != 1.0 for r in full)            # the updates did move the policy
+
+
+def test_crash_mid_step_loses_only_that_step(tmp_path):
+    calls = {"n": 0}
+
+    def crashing(text, problem):
+        calls["n"] += 1
+        if calls["n"] > 2 * 8:                                  # dies while grading step 3
+            raise KeyboardInterrupt
+        return odd_length(text, problem)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(steps=4, output_dir=str(tmp_path / "run"), **TINY, reward_fn=crashing)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+    resumed = train(steps=4, output_dir=str(tmp_path / "run"), **TINY, reward_fn=odd_length).metrics
+    full = train(steps=4, output_dir=str(tmp_path / "full"), **TINY, reward_fn=odd_length).metrics
+    assert strip_timing(resumed) == strip_timing(full)
+
+
+def test_checkpoint_is_atomic_and_pruned(tmp_path):
+    run = tmp_path / "run"
+    train(steps=3, output_dir=str(run), **TINY, reward_fn=odd_length)
+    ck = run / "checkpoints"
+    assert (ck / "latest").read_text() == "step-000003"
+    assert sorted(p.name for p in ck.iterdir()) == ["latest", "step-000003"]   # keep_checkpoints=1, no temp left
+    # a half-written newer checkpoint (no pointer update) is ignored on resume
+    (ck / ".tmp-step-000004").mkdir()
+    t = Trainer(dict(TINY, steps=5, output_dir=str(run)), reward_fn=odd_length)
+    assert t.resume() == 3
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train(steps=1, output_dir=str(tmp_path / "run"), **TINY, reward_fn=odd_length)
+    with pytest.raises(ValueError, match="different config.*lr"):
+        train(steps=2, output_dir=str(tmp_path / "run"), **{**TINY, "lr": 1e-3}, reward_fn=odd_length)
+    # resume=False starts over instead
+    res = train(steps=1, output_dir=str(tmp_path / "run"), **{**TINY, "lr": 1e-3}, resume=False, reward_fn=odd_length)
+    assert len(res.metrics) == 1
+
+
+def test_fused_and_unfused_runs_agree(tmp_path):
+    a = train(steps=2, output_dir=str(tmp_path / "f"), **TINY, fused=True, reward_fn=odd_length).metrics
+    b = train(steps=2, output_dir=str(tmp_path / "u"), **TINY, fused=False, reward_fn=odd_length).metrics
+    for x, y in zip(strip_timing(a), strip_timing(b)):
+        for k in ("reward_mean", "entropy", "loss", "grad_norm", "ratio_max"):
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), k
+
+
+@pytest.mark.parametrize("algo", list_losses())
+def test_every_registered_loss_trains(tmp_path, algo):
+    res = train(steps=1, output_dir=str(tmp_path / algo), **TINY, algo=algo, reward_fn=odd_length)
+    m = res.metrics[0]
+    for k in ("reward_mean", "pass_rate", "entropy", "cov_mean", "ratio_mean", "response_len", "tokens_per_s", "loss"):
+        assert k in m and m[k] == m[k], k                         # present and not NaN
+
+
+def test_lora_checkpoint_holds_only_the_adapter(tmp_path):
+    res = train(steps=1, output_dir=str(tmp_path / "lora"), **TINY, lora_rank=2, reward_fn=odd_length)
+    w = load_file(str(res.run_dir / "checkpoints" / "step-000001" / "model.safetensors"))
+    assert w and all("lora" in k for k in w)
+
+
+def test_metrics_jsonl_and_plot(tmp_path):
+    res = train(steps=2, output_dir=str(tmp_path / "run"), **{**TINY, "plot": True}, reward_fn=odd_length)
+    lines = (res.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [1, 2]
+    assert (res.run_dir / "metrics.png").stat().st_size > 1000
+    assert json.loads((res.run_dir / "config.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("bad,words", [
+    ({"stepz": 3}, ["stepz", "valid keys", "steps"]),
+    ({"algo": "ppo"}, ["ppo", "grpo", "clip_cov"]),
+    ({"scheduler": "step"}, ["step", "cosine"]),
+    ({"mixed_precision": "fp8"}, ["fp8", "bf16"]),
+    ({"device": "tpu"}, ["tpu", "cpu"]),
+    ({"steps": 0}, ["steps"]),
+    ({"steps": "ten"}, ["steps", "int"]),
+    ({"group_size": 1}, ["group_size"]),
+    ({"lr": 0.0}, ["lr"]),
+    ({"lr": float("nan")}, ["lr"]),
+    ({"top_p": 1.5}, ["top_p"]),
+    ({"temperature": -1.0}, ["temperature"]),
+    ({"fused": "maybe"}, ["fused", "bool"]),
+    ({"loss_options": {"clip_hgh": 0.3}}, ["clip_hgh", "clip_high"]),
+    ({"prompts_per_step": 1, "group_size": 2, "minibatches": 4}, ["micro-batches"]),
+    ({"model": ""}, ["model"]),
+])
+def test_bad_configs_are_rejected_up_front(bad, words):
+    with pytest.raises(ValueError) as e:
+        TrainConfig.from_dict(bad)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_bad_config_fails_before_loading_a_model(monkeypatch):
+    import entropy_rl.trainer as tr
+    monkeypatch.setattr(tr, "build_model", lambda c: pytest.fail("model loaded before validation"))
+    with pytest.raises(ValueError):
+        Trainer({"algo": "nope"})
+
+
+@pytest.mark.slow
+def test_default_model_loads_generates_and_steps(tmp_path):
+    res = train(steps=1, output_dir=str(tmp_path / "default"), prompts_per_step=2, group_size=2,
+                max_new_tokens=8, progress=False, plot=False)
+    m = res.metrics[0]
+    assert m["response_len"] > 0 and 0 <= m["reward_mean"] <= 1 and m["entropy"] > 0
+    assert m["grad_norm"] == m["grad_norm"] and res.model.config.num_hidden_layers == 30
