@@ -55,10 +55,11 @@ def run_trl(args) -> dict:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-    from entropy_rl.tasks import ArithmeticTask, build_prompt, grade
+    from entropy_rl.tasks import ArithmeticTask, grade
     model, tok = _model(args)
-    problems = ArithmeticTask().sample(args.prompts * args.steps, split="train", seed=0)
-    ds = Dataset.from_list([{"prompt": build_prompt(tok, p.question), "answer": p.answer} for p in problems])
+    task = ArithmeticTask()
+    problems = task.sample(args.prompts * args.steps, split="train", seed=0)
+    ds = Dataset.from_list([{"prompt": task.prompt(tok, p), "answer": p.answer} for p in problems])  # same prompts as the trainer
 
     def reward(completions, answer, **_):
         return [grade(c, a) for c, a in zip(completions, answer)]

@@ -137,3 +137,36 @@ def test_default_model_loads_generates_and_steps(tmp_path):
     m = res.metrics[0]
     assert m["response_len"] > 0 and 0 <= m["reward_mean"] <= 1 and m["entropy"] > 0
     assert m["grad_norm"] == m["grad_norm"] and res.model.config.num_hidden_layers == 30
+
+
+def test_fused_head_gives_the_unfused_loss_and_gradients():
+    "One policy-loss step through the fused head and through full logits: same loss, same gradient on every parameter."
+    from entropy_rl.losses import policy_loss
+    from entropy_rl.models import tiny_model
+    from entropy_rl.trainer import policy_logprobs_and_entropy
+    model, _ = tiny_model(seed=0)
+    model = model.float()
+    g = torch.Generator().manual_seed(0)
+    B, P, T = 4, 5, 7
+    V = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, V, (B, P + T), generator=g)
+    attn = torch.ones_like(ids); attn[0, :2] = 0                      # one left-padded prompt
+    mask = torch.ones(B, T, dtype=torch.bool); mask[1, 4:] = False    # one short response
+    adv = torch.tensor([1.0, -0.5, 0.25, -0.75])
+    results = []
+    for fused in (True, False):
+        model.zero_grad()
+        logp, H = policy_logprobs_and_entropy(model, ids, attn, mask, temperature=0.7, fused=fused)
+        old = logp.detach() - 0.3 * torch.randn(B, T, generator=torch.Generator().manual_seed(1))  # ratios away from 1
+        loss, _ = policy_loss("grpo", logp, old, adv, mask, entropy=H, entropy_coef=0.01)  # gradient through both outputs
+        loss.backward()
+        results.append((loss.detach(), logp.detach(), H.detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (lf, pf, hf, gf), (lu, pu, hu, gu) = results
+    torch.testing.assert_close(lf, lu, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pf, pu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hf, hu, rtol=1e-5, atol=1e-5)
+    assert gf.keys() == gu.keys() and len(gf) > 5
+    for n in gf:
+        torch.testing.assert_close(gf[n], gu[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert any(g.abs().sum() > 0 for g in gf.values())
