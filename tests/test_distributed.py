@@ -1,0 +1,119 @@
+"""Data-parallel training over 2 CPU processes (torchrun, gloo) against 1 process with the same seed and global batch:
+the same loss, the same metrics and the same trained weights, for losses whose statistics are batch-global
+(token means, Clip-Cov / KL-Cov covariance selection, BAPO's sums, the 80/20 entropy mask, Dr. GRPO's 1/(B L)).
+
+Tolerance: rtol 1e-4, atol 1e-6. The two runs do the same arithmetic on the same rows except that each process pads
+its own rows to its own widest prompt / response, so sums run over different lengths: float32 rounding, not
+exactness. Runtime: one torchrun launch (2 processes, every configuration in one launch), ~20-40 s on 2 busy cores."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = dict(model="tiny", prompts_per_step=4, group_size=4, max_new_tokens=4, lr=1e-2, steps=2, progress=False,
+            plot=False, task_options={"instruction": None}, save_every=0, resume=False, device="cpu")
+CONFIGS = {
+    "grpo": dict(algo="grpo"),
+    "dr_grpo": dict(algo="dr_grpo"),
+    "grpo_8020": dict(algo="grpo", loss_options={"top_entropy_frac": 0.2}),
+    "clip_cov": dict(algo="clip_cov", loss_options={"clip_ratio": 0.2, "cov_lb": 0.0, "cov_ub": 1e9}),
+    "kl_cov": dict(algo="kl_cov", loss_options={"k": 0.2}),
+    "bapo_paper": dict(algo="bapo_paper"),
+    "tis": dict(algo="dapo", tis_cap=2.0),
+}
+
+WORKER = textwrap.dedent('''
+    import json, sys, torch
+    from entropy_rl.trainer import train
+    from entropy_rl.distributed import world
+    out, base, configs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    odd_length = lambda text, problem: float(len(text) % 2)
+    for name, cfg in configs.items():
+        r = train(dict(base, **cfg, output_dir=f"{out}/{name}"), reward_fn=odd_length)
+        rank, w = world()
+        if rank == 0:
+            torch.save({k: v.detach().cpu() for k, v in r.model.state_dict().items()}, f"{out}/{name}/weights.pt")
+            json.dump({"world": w, "metrics": r.metrics}, open(f"{out}/{name}/result.json", "w"))
+''')
+
+
+def odd_length(text, problem):
+    return float(len(text) % 2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def comparable(m: dict) -> dict:
+    return {k: v for k, v in m.items() if "time" not in k and "per_s" not in k and k != "processes"}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on the PATH")
+    out = tmp_path_factory.mktemp("dist")
+    script = out / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(script), str(out), json.dumps(BASE), json.dumps(CONFIGS)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(out))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    return out
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_two_processes_equal_one(two_process_runs, tmp_path, name):
+    from entropy_rl.trainer import train
+    res = json.loads((two_process_runs / name / "result.json").read_text())
+    assert res["world"] == 2
+    one = train(dict(BASE, **CONFIGS[name], output_dir=str(tmp_path / name)), reward_fn=odd_length)
+    two = res["metrics"]
+    assert [m["step"] for m in two] == [1, 2] and two[0]["processes"] == 2
+    assert any(m["groups_with_signal"] > 0 for m in one.metrics)        # the updates had something to do
+    for a, b in zip(one.metrics, two):
+        a, b = comparable(a), comparable(b)
+        assert set(a) == set(b), set(a) ^ set(b)
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (name, a["step"], k, a[k], b[k])
+    w2 = torch.load(two_process_runs / name / "weights.pt")
+    w1 = one.model.state_dict()
+    moved = False
+    for k, v in w1.items():
+        torch.testing.assert_close(w2[k], v.detach(), rtol=1e-4, atol=1e-6)
+    init = __import__("entropy_rl.models", fromlist=["tiny_model"]).tiny_model(seed=0)[0].state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in w1.items())      # training changed the weights
+
+
+def test_vllm_engine_missing_gives_clear_message(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    from entropy_rl.trainer import Trainer
+    with pytest.raises(ImportError, match=r"pip install entropy_rl\[gpu\]"):
+        Trainer(dict(BASE, rollout_engine="vllm", output_dir=str(tmp_path)))
+
+
+def test_bad_distributed_options(tmp_path):
+    from entropy_rl.trainer import TrainConfig
+    with pytest.raises(ValueError, match="rollout_engine"):
+        TrainConfig.from_dict(rollout_engine="sglang")
+    with pytest.raises(ValueError, match="batch_scope"):
+        TrainConfig.from_dict(batch_scope="node")
+    with pytest.raises(ValueError, match="tis_cap"):
+        TrainConfig.from_dict(tis_cap=0)
+    assert TrainConfig.from_dict(tis_cap="2").tis_cap == 2.0 and TrainConfig.from_dict(tis_cap="none").tis_cap is None
