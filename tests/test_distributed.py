@@ -143,3 +143,114 @@ def test_bad_distributed_options(tmp_path):
     with pytest.raises(ValueError, match="tis_cap"):
         TrainConfig.from_dict(tis_cap=0)
     assert TrainConfig.from_dict(tis_cap="2").tis_cap == 2.0 and TrainConfig.from_dict(tis_cap="none").tis_cap is None
+
+
+class _StandInVLLM:
+    """A stand-in for the `vllm` module with the small surface VLLMEngine uses (LLM, SamplingParams, sleep/wake_up,
+    apply_model(load_weights), generate with per-request seeds and logprobs=0), sampling with transformers underneath.
+    It checks the engine's plumbing on CPU; it says nothing about real vLLM."""
+
+    class Logprob:
+        def __init__(self, logprob):
+            self.logprob = logprob
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    class LLM:
+        def __init__(self, model, gpu_memory_utilization, enable_sleep_mode, dtype, logprobs_mode=None):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            assert enable_sleep_mode and logprobs_mode == "processed_logprobs"
+            self.model = AutoModelForCausalLM.from_pretrained(model).eval()
+            self.tok = AutoTokenizer.from_pretrained(model)
+            self.events = []
+
+        def apply_model(self, fn):
+            model = self.model
+
+            class Loader:
+                def load_weights(self, weights):
+                    missing, unexpected = model.load_state_dict(dict(weights), strict=False)
+                    assert not unexpected, unexpected
+            return fn(Loader())
+
+        def sleep(self, level):
+            self.events.append(f"sleep{level}")
+
+        def wake_up(self):
+            self.events.append("wake")
+
+        def reset_prefix_cache(self):
+            self.events.append("reset")
+
+        def generate(self, prompts, params, use_tqdm=False):
+            from types import SimpleNamespace as NS
+            from entropy_rl.rollout import TransformersEngine
+            eng, outs = TransformersEngine(self.model, self.tok), []
+            for prompt, sp in zip(prompts, params):
+                assert sp.logprobs == 0
+                text = self.tok.decode(prompt["prompt_token_ids"])
+                b = eng.generate([text], num_samples=sp.n, max_new_tokens=sp.max_tokens, temperature=sp.temperature,
+                                 top_p=sp.top_p, seed=[sp.seed])
+                rows = []
+                for ids, m, lp in zip(b.response_ids, b.response_mask, b.sampling_logprobs):
+                    ids, lp = ids[m].tolist(), lp[m].tolist()
+                    rows.append(NS(token_ids=ids, logprobs=[{t: _StandInVLLM.Logprob(l)} for t, l in zip(ids, lp)]))
+                outs.append(NS(outputs=rows))
+            return outs
+
+
+def test_vllm_engine_plumbing_with_stand_in(monkeypatch):
+    import types
+    from entropy_rl.models import apply_lora, tiny_model
+    from entropy_rl.rollout import TransformersEngine, VLLMEngine
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = _StandInVLLM.LLM, _StandInVLLM.SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    policy, tok = tiny_model(seed=0)
+    policy = apply_lora(policy, {"r": 2, "target_modules": "all-linear"})
+    for n, p in policy.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)             # the adapter changes the policy
+    policy.eval()
+    eng = VLLMEngine(policy, tok)
+    prompts = ["1+1=", "What is 4 + 3?"]
+    x = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(eng.llm.model(x).logits, policy(x).logits, rtol=1e-4, atol=1e-4)  # merged copy
+    b = eng.generate(prompts, num_samples=3, max_new_tokens=6, seed=[11, 12])
+    ref = TransformersEngine(policy, tok).generate(prompts, num_samples=3, max_new_tokens=6, seed=[11, 12])
+    assert b.texts == ref.texts and b.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    T = ref.response_ids.shape[1]
+    assert torch.equal(b.response_mask[:, :T], ref.response_mask) and not b.response_mask[:, T:].any()
+    torch.testing.assert_close(b.sampling_logprobs[:, :T], ref.sampling_logprobs, rtol=1e-4, atol=1e-5)
+    eng.release()
+    assert eng.sleeping and eng.llm.events[-1] == "sleep1"
+    with torch.no_grad():                                 # the policy moves; sync wakes vLLM and copies it
+        for n, p in policy.named_parameters():
+            if "lora_A" in n:
+                p.add_(0.3)
+    eng.sync_weights(policy)
+    assert not eng.sleeping and eng.llm.events[-2:] == ["wake", "reset"]
+    with torch.no_grad():
+        torch.testing.assert_close(eng.llm.model(x).logits, policy(x).logits, rtol=1e-4, atol=1e-4)
+    assert not any("lora" in k for k in eng.llm.model.state_dict())
+    assert all(not getattr(m, "merged", False) for m in policy.modules())   # unmerged again for training
+
+
+def test_trainer_with_stand_in_vllm(monkeypatch, tmp_path):
+    "The trainer's vLLM path end to end on CPU (stand-in module): sync before, sleep after each rollout, TIS weights logged."
+    import types
+    from entropy_rl.trainer import Trainer
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = _StandInVLLM.LLM, _StandInVLLM.SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    t = Trainer(dict(BASE, algo="dapo", rollout_engine="vllm", tis_cap=2.0, steps=2, prompts_per_step=2, epochs_per_step=1,
+                     plot=False, output_dir=str(tmp_path)),
+                reward_fn=odd_length)
+    ms = t.train().metrics
+    # step 1: vLLM is awake after loading (no wake), load, sleep; step 2: wake, load, sleep
+    assert t.engine.llm.events == ["reset", "sleep1", "wake", "reset", "sleep1"], t.engine.llm.events
+    for m in ms:
+        assert m["sample_logp_gap"] < 1e-4 and abs(m["token_weights/mean"] - 1) < 1e-3   # same weights: pi_old = mu
