@@ -380,6 +380,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, generators: d
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     if config is not None:
         now, then = config.to_dict(), state["config"]
+        then = {**TrainConfig().to_dict(), **then}     # a key added since the checkpoint was written: its default
         diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and now[k] != then.get(k))
         if diff:
             raise ValueError(f"checkpoint {path} was written with a different config ({', '.join(f'{k}: {then.get(k)!r} -> {now[k]!r}' for k in diff)}); "
