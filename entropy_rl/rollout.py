@@ -86,8 +86,9 @@ def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 class _SamplingWarper:
     """Logits processor: temperature + top-p, and records log mu(chosen token) step by step. With `row_seeds`
-    [(seed, n_rows), ...] (one pair per prompt) it also draws the token itself — Gumbel-max, one generator per
-    prompt — and hands `generate` a one-hot choice, so a row's sample does not depend on the other rows."""
+    [(seed, n_rows), ...] (one pair per prompt) it also draws the token itself — inverse CDF, one uniform per row
+    from its prompt's generator — and hands `generate` a one-hot choice, so a row's sample does not depend on the
+    other rows."""
     def __init__(self, temperature: float, top_p: float, row_seeds: list | None = None):
         self.temperature, self.top_p, self.prev, self.steps = temperature, top_p, None, []
         self.row_seeds, self.generators = row_seeds, None
@@ -102,9 +103,10 @@ class _SamplingWarper:
             return z.to(scores.dtype)
         if self.generators is None:
             self.generators = [(torch.Generator(device=z.device).manual_seed(int(s)), n) for s, n in self.row_seeds]
-        u = torch.cat([torch.rand(n, z.shape[-1], generator=g, device=z.device) for g, n in self.generators])
-        choice = (self.prev - torch.log(-torch.log(u))).argmax(-1)      # Gumbel-max: a draw from softmax(prev)
-        return torch.full_like(scores, float("-inf")).scatter_(-1, choice[:, None], 0.0)
+        cdf = self.prev.double().exp().cumsum(-1)                      # float64: the sum of ~50k tiny terms stays exact enough
+        u = torch.cat([torch.rand(n, 1, generator=g, device=z.device, dtype=torch.float64) for g, n in self.generators])
+        choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=z.shape[-1] - 1)   # cdf[i-1] <= u < cdf[i]
+        return torch.full_like(scores, float("-inf")).scatter_(-1, choice, 0.0)   # choice: [B, 1]
     def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
         if self.prev is not None: self._take(last_tokens)
         return torch.stack(self.steps, 1) if self.steps else torch.zeros(last_tokens.shape[0], 0)
