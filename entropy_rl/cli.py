@@ -197,3 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"entropy-rl: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+# %% ../nbs/12_cli.ipynb #260f23d5
+#| eval: false
+if __name__ == "__main__" and "__file__" in globals():   # `python -m entropy_rl.cli` / `accelerate launch -m entropy_rl.cli`
+    sys.exit(main())

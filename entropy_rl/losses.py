@@ -77,7 +77,8 @@ class LossSpec:
     doc: str = ""
 
 COMMON_OPTIONS: dict = {"aggregation": None, "max_length": None, "entropy": None,
-                        "entropy_coef": 0.0, "top_entropy_frac": None}
+                        "entropy_coef": 0.0, "top_entropy_frac": None,
+                        "token_weights": None}
 _LOSSES: dict[str, LossSpec] = {}
 
 def register_loss(name: str, fn: Callable, defaults: dict, aggregation: str, doc: str = "") -> None:
@@ -160,6 +161,16 @@ def policy_loss(name: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, m
     if not m.any():   # documented: nothing to learn -> exactly 0, still connected to logp's graph
         return lp.sum() * 0.0, {"loss": 0.0, "pg_loss": 0.0, "n_tokens": 0, "n_loss_tokens": 0}
     per_token, metrics = spec.fn(lp, olp, adv, m, ent, **{k: opts[k] for k in spec.defaults})
+    if opts["token_weights"] is not None:
+        w = opts["token_weights"]
+        if not isinstance(w, Tensor) or w.shape != lp.shape:
+            raise ValueError(f"token_weights must be a tensor of shape {tuple(lp.shape)}")
+        _finite_on(w, m, "token_weights")
+        if (w.detach() < 0)[m].any():
+            raise ValueError("token_weights must be >= 0 on valid tokens")
+        w = torch.where(m, w.detach().to(per_token.dtype), torch.zeros((), dtype=per_token.dtype, device=per_token.device))
+        per_token = per_token * w
+        metrics["token_weights/mean"] = w[m].double().mean().item()
     loss_mask = m
     if opts["top_entropy_frac"] is not None:
         if ent is None:

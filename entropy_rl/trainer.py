@@ -25,18 +25,21 @@ from tqdm.auto import tqdm
 from .advantages import group_advantages
 from .covariance import token_covariance
 from .entropy import entropy_from_logits, logprobs_from_logits
+from .distributed import SCOPES, all_reduce, gather_rows, global_policy_loss, mean_across, shard_groups
 from .losses import list_losses, loss_options, policy_loss
 
 # %% auto #0
-__all__ = ['RESUMABLE_CHANGES', 'PLOT_KEYS', 'TrainConfig', 'policy_logprobs_and_entropy', 'build_model', 'build_task',
-           'rollout_metrics', 'save_checkpoint', 'latest_checkpoint', 'load_weights', 'load_checkpoint', 'read_metrics',
-           'plot_metrics', 'TrainResult', 'Trainer', 'train', 'pass_at_k', 'evaluate']
+__all__ = ['RESUMABLE_CHANGES', 'PLOT_KEYS', 'TrainConfig', 'policy_logprobs_and_entropy', 'PolicyScorer', 'build_model',
+           'build_task', 'rollout_metrics', 'save_checkpoint', 'latest_checkpoint', 'load_weights', 'load_checkpoint',
+           'read_metrics', 'plot_metrics', 'tis_weights', 'TrainResult', 'Trainer', 'train', 'pass_at_k', 'evaluate']
 
 # %% ../nbs/11_trainer.ipynb #5202210d
 _CHOICES = {
     "scheduler": ("constant", "linear", "cosine"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "device": ("auto", "cpu", "cuda"),
+    "rollout_engine": ("transformers", "vllm"),
+    "batch_scope": SCOPES,
 }
 
 @dataclass
@@ -66,6 +69,10 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto: bf16 on GPU, none on CPU
     device: str = "auto"
     fused: bool = True           # log-probs and entropy through the fused head
+    rollout_engine: str = "transformers"  # "vllm": colocated vLLM (pip install entropy_rl[gpu]; untested here)
+    rollout_options: dict = field(default_factory=dict)   # keyword arguments of the engine (e.g. gpu_memory_utilization)
+    tis_cap: float | None = None # truncated importance sampling: per-token weight min(pi_old / mu, tis_cap); None: off
+    batch_scope: str = "global"  # several processes: loss statistics over all processes ("global") or per process ("local")
     seed: int = 0
     output_dir: str = "runs/default"
     save_every: int = 1          # checkpoint every N steps (0: only at the end)
@@ -124,7 +131,12 @@ class TrainConfig:
         if n < self.minibatches * self.grad_accum:
             raise ValueError(f"prompts_per_step*group_size={n} responses cannot fill minibatches*grad_accum="
                              f"{self.minibatches * self.grad_accum} micro-batches")
-        for k in ("task_options", "loss_options"):
+        if self.tis_cap is not None and (isinstance(self.tis_cap, bool) or not isinstance(self.tis_cap, (int, float))
+                                         or not (self.tis_cap > 0 and math.isfinite(self.tis_cap))):
+            raise ValueError(f"tis_cap must be None or a finite number > 0 (typically 2), got {self.tis_cap!r}")
+        if self.tis_cap is not None and "token_weights" in self.loss_options:
+            raise ValueError("tis_cap sets the loss's token_weights; do not pass token_weights in loss_options too")
+        for k in ("task_options", "loss_options", "rollout_options"):
             if not isinstance(getattr(self, k), dict):
                 raise ValueError(f"{k} must be a dict, got {getattr(self, k)!r}")
         for k in ("model", "task", "output_dir"):
@@ -148,6 +160,8 @@ def _coerce(cls, key: str, value: Any) -> Any:
             return int(value)
         if kind == "float":
             return float(value)
+        if kind == "float | None":
+            return None if value.lower() in ("none", "null", "") else float(value)
         if kind == "dict":
             return json.loads(value)
     except (ValueError, json.JSONDecodeError):
@@ -197,6 +211,17 @@ def policy_logprobs_and_entropy(model, input_ids: torch.Tensor, attention_mask: 
     zero = torch.zeros((), dtype=torch.float32, device=logp.device)
     return torch.where(mask, logp.float(), zero), torch.where(mask, H.float(), zero)
 
+class PolicyScorer(torch.nn.Module):
+    """The policy behind the one forward the loss uses: (input_ids, attention_mask, response_mask) → (log-probs, entropy).
+    The trainer hands this module (not the bare causal LM) to accelerate, so DDP / FSDP see the forward whose
+    backward they synchronise."""
+    def __init__(self, policy, temperature: float = 1.0, fused: bool = True):
+        super().__init__()
+        self.policy, self.temperature, self.fused = policy, temperature, fused
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
+        return policy_logprobs_and_entropy(self.policy, input_ids, attention_mask, response_mask, self.temperature, self.fused)
+
 # %% ../nbs/11_trainer.ipynb #466b488b
 def build_model(config: TrainConfig):
     "The policy and tokenizer named by `config.model` (\"default\", \"tiny\", a directory or a hub id), with LoRA if asked."
@@ -235,13 +260,19 @@ def _prompts(tokenizer, problems, task=None) -> list[str]:
     from entropy_rl.tasks import build_prompt
     return [build_prompt(tokenizer, p.question) for p in problems]
 
-def _engine(model, tokenizer):
-    from entropy_rl.rollout import TransformersEngine
-    return TransformersEngine(model, tokenizer)
+def _engine(model, tokenizer, config: TrainConfig | None = None):
+    "The rollout engine `config.rollout_engine` names, built with `config.rollout_options`."
+    from entropy_rl.rollout import TransformersEngine, VLLMEngine
+    name, opts = ("transformers", {}) if config is None else (config.rollout_engine, dict(config.rollout_options))
+    try:
+        return (VLLMEngine if name == "vllm" else TransformersEngine)(model, tokenizer, **opts)
+    except TypeError as e:
+        raise ValueError(f"bad rollout_options for the {name} engine: {e}") from None
 
-def _generate(engine, prompts, n, config, generator: torch.Generator):
-    "Sample `n` responses per prompt; the engine's seed is drawn from `generator` (saved in checkpoints)."
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+def _generate(engine, prompts, n, config, generator: torch.Generator, seeds: list | None = None):
+    """Sample `n` responses per prompt. Without `seeds`, one seed for the call is drawn from `generator` (saved in
+    checkpoints); with `seeds`, one per prompt (the trainer's path: a prompt's samples do not depend on the others)."""
+    seed = seeds if seeds is not None else int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     return engine.generate(prompts, num_samples=n, max_new_tokens=config.max_new_tokens,
                            temperature=config.temperature, top_p=config.top_p, seed=seed)
 
@@ -349,6 +380,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, generators: d
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     if config is not None:
         now, then = config.to_dict(), state["config"]
+        then = {**TrainConfig().to_dict(), **then}     # a key added since the checkpoint was written: its default
         diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and now[k] != then.get(k))
         if diff:
             raise ValueError(f"checkpoint {path} was written with a different config ({', '.join(f'{k}: {then.get(k)!r} -> {now[k]!r}' for k in diff)}); "
@@ -404,6 +436,14 @@ def _scheduler(optimizer, config: TrainConfig, total: int):
         return {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[config.scheduler]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
+def tis_weights(old_logp: torch.Tensor, sampling_logp: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance-sampling weights min(pi_old / mu, cap) per token, detached; 0 where `mask` is 0.
+    pi_old: the trainer's log-probs of the sampled tokens before the update; mu: the rollout engine's."""
+    if not cap > 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    w = torch.exp((old_logp.detach().float() - sampling_logp.detach().float()).clamp(max=math.log(cap)))
+    return torch.where(mask.bool(), w, torch.zeros_like(w))
+
 def _mean_dicts(ds: list[dict]) -> dict:
     out = {}
     for k in {k for d in ds for k in d}:
@@ -421,7 +461,9 @@ class TrainResult:
     tokenizer: Any = None
 
 class Trainer:
-    "The RLVR loop: rollout → reward → advantages → old log-probs → minibatch updates → metrics → checkpoint."
+    """The RLVR loop: rollout → reward → advantages → old log-probs → minibatch updates → metrics → checkpoint.
+    Under `accelerate launch` / `torchrun` each process samples its share of whole groups and the loss is computed
+    over all processes' rows (`batch_scope`, see `entropy_rl.distributed`); process 0 writes logs and checkpoints."""
     def __init__(self, config: TrainConfig | dict | None = None, policy=None, tokenizer=None,
                  reward_fn=None, **overrides):
         if not isinstance(config, TrainConfig):
@@ -434,6 +476,8 @@ class Trainer:
         use_cpu = c.device == "cpu" or not torch.cuda.is_available()
         mp = c.mixed_precision if c.mixed_precision != "auto" else ("no" if use_cpu else "bf16")
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=mp, gradient_accumulation_steps=c.grad_accum)
+        self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self.groups = shard_groups(c.prompts_per_step, self.rank, self.world_size)   # this process's prompts
         _set_seed(c.seed)
         self.reward_fn = reward_fn   # (completion text, problem) -> float; None: the task's own grader
         model = policy
@@ -444,18 +488,24 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         total = c.steps * c.epochs_per_step * c.minibatches
-        scheduler = _scheduler(optimizer, c, total)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        # the scheduler stays outside accelerate.prepare: its wrapper steps W times per call in W processes
+        self.scheduler = _scheduler(optimizer, c, total)
+        self.model, self.optimizer = self.accelerator.prepare(PolicyScorer(model, c.temperature, c.fused), optimizer)
         self.generators = {"rollout": torch.Generator().manual_seed(c.seed + 1),
                            "shuffle": torch.Generator().manual_seed(c.seed + 2),
                            "loss": torch.Generator().manual_seed(c.seed + 3)}
-        self.engine = _engine(self.unwrapped, tokenizer)
+        self.engine = _engine(self.unwrapped, tokenizer, c)
         self.run_dir = Path(c.output_dir)
         self.step = 0
 
     @property
     def unwrapped(self):
-        return self.accelerator.unwrap_model(self.model)
+        "The policy itself (no DDP / FSDP wrapper, no scorer)."
+        return self.accelerator.unwrap_model(self.model).policy
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
 
     def _loss_kwargs(self, entropy: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor) -> dict:
         """The user's loss options, plus what the loss declares it takes and the user did not give: the
@@ -475,17 +525,31 @@ class Trainer:
 
     def _forward(self, ids, attn, mask):
         with self.accelerator.autocast():
-            return policy_logprobs_and_entropy(self.model, ids, attn, mask, self.config.temperature, self.config.fused)
+            return self.model(ids, attn, mask)
+
+    def _full_params(self):
+        "FSDP: gather the full weights for generation (untested here); otherwise nothing to do."
+        from contextlib import nullcontext
+        from accelerate.utils import DistributedType
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            return FSDP.summon_full_params(self.model, writeback=False)
+        return nullcontext()
 
     def train_step(self, step: int) -> dict:
-        "One RLVR step; returns its metrics."
+        "One RLVR step; returns its metrics (over all processes' groups)."
         c, acc = self.config, self.accelerator
         t0 = time.perf_counter()
         problems = _sample_problems(self.task, c.prompts_per_step, "train", seed=c.seed * 1_000_003 + step)
+        base = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generators["rollout"]))
+        seeds = [base * 1_000_003 + i for i in range(c.prompts_per_step)]   # one per prompt of the global batch
+        problems, seeds = problems[self.groups], seeds[self.groups]          # whole groups per process
         self.model.eval()  # no dropout: the old and new log-probs come from the same function
-        with torch.no_grad(), acc.autocast():
+        with torch.no_grad(), acc.autocast(), self._full_params():
+            self.engine.sync_weights(self.unwrapped)
             batch = _generate(self.engine, _prompts(self.tokenizer, problems, self.task), c.group_size, c,
-                              self.generators["rollout"])
+                              self.generators["rollout"], seeds=seeds)
+            self.engine.release()
         t_roll = time.perf_counter() - t0
         gids = batch.group_ids.tolist() if torch.is_tensor(batch.group_ids) else list(batch.group_ids)
         if gids != [i // c.group_size for i in range(len(gids))]:
@@ -497,8 +561,10 @@ class Trainer:
         ids = torch.cat([batch.prompt_ids, batch.response_ids], 1).to(dev)
         attn = torch.cat([batch.prompt_mask.long(), batch.response_mask.long()], 1).to(dev)
         mask = batch.response_mask.bool().to(dev)
+        sample_logp = batch.sampling_logprobs.float().to(dev)
         adv = adv.to(dev)
-        B = ids.shape[0]
+        B, T = mask.shape
+        width = int(all_reduce(torch.tensor(T, device=dev), "max"))      # the global batch's response width
         t1 = time.perf_counter()
         orders = [torch.randperm(B, generator=self.generators["shuffle"]) if c.minibatches > 1 else torch.arange(B)
                   for _ in range(c.epochs_per_step)]
@@ -523,44 +589,64 @@ class Trainer:
                         logp, H = self._forward(ids[micro], attn[micro], mask[micro])
                         if epoch == 0 and mbi == 0:
                             old_logp[micro], old_H[micro] = logp.detach(), H.detach()
-                        loss, lm = policy_loss(c.algo, logp, old_logp[micro], adv[micro], mask[micro],
-                                               **self._loss_kwargs(H, ids[micro][:, -mask.shape[1]:], mask[micro]))
+                        kw = self._loss_kwargs(H, ids[micro][:, -T:], mask[micro])
+                        if c.tis_cap is not None:
+                            kw["token_weights"] = tis_weights(old_logp[micro], sample_logp[micro], mask[micro], c.tis_cap)
+                        loss, lm = global_policy_loss(c.algo, logp, old_logp[micro], adv[micro], mask[micro],
+                                                      scope=c.batch_scope, **kw)
                         acc.backward(loss)
                         if acc.sync_gradients:
                             gn = acc.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
                             grad_norms.append(float(gn))
-                        self.optimizer.step(); self.scheduler.step(); self.optimizer.zero_grad()
+                        self.optimizer.step(); self.optimizer.zero_grad()
+                        if acc.sync_gradients:
+                            self.scheduler.step()
                     losses.append(float(loss.detach()))
                     loss_metrics.append({k: float(v) for k, v in lm.items()
                                          if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))})
-                    ratio_parts.append(torch.exp(logp.detach() - old_logp[micro])[mask[micro]])
+                    r = gather_rows(torch.exp(logp.detach() - old_logp[micro]), width, 1.0)
+                    ratio_parts.append(r[gather_rows(mask[micro], width, False)])
                     n_tokens += int(attn[micro].sum())
         t_train = time.perf_counter() - t1
         metrics = {"step": step + 1}
-        metrics.update(rollout_metrics(rewards, c.group_size, old_logp, old_H, batch.sampling_logprobs, adv, mask))
+        g = lambda x, pad=0: gather_rows(x, width, pad)              # every process's rows, for the metrics
+        gmask = g(mask, False)
+        metrics.update(rollout_metrics(g(rewards.to(dev)), c.group_size, g(old_logp), g(old_H), g(sample_logp),
+                                       g(adv), gmask))
         ratios = torch.cat(ratio_parts).double()
         metrics.update({"ratio_mean": ratios.mean().item(), "ratio_min": ratios.min().item(),
                         "ratio_max": ratios.max().item(), "ratio_std": ratios.std(unbiased=False).item()})
-        metrics.update({k: v for k, v in _mean_dicts(loss_metrics).items() if k not in metrics})
-        n_resp = int(mask.sum())
+        loss_avg = {**_mean_dicts(loss_metrics), "loss": sum(losses) / len(losses)}
+        if self.world_size > 1:        # global scope: identical on every process already; local scope: the mean
+            loss_avg = mean_across(loss_avg)
+            n_tokens = int(all_reduce(torch.tensor(n_tokens, device=dev)))
+        metrics.update({k: v for k, v in loss_avg.items() if k not in metrics or k == "loss"})
+        n_resp = int(gmask.sum())
         dt = time.perf_counter() - t0
-        metrics.update({"loss": sum(losses) / len(losses), "grad_norm": sum(grad_norms) / max(1, len(grad_norms)),
-                        "lr": self.scheduler.get_last_lr()[0],
+        metrics.update({"grad_norm": sum(grad_norms) / max(1, len(grad_norms)),
+                        "lr": self.scheduler.get_last_lr()[0], "processes": self.world_size,
                         "time_rollout_s": t_roll, "time_train_s": t_train, "time_step_s": dt,
                         "tokens_per_s": n_resp / dt, "gen_tokens_per_s": n_resp / max(t_roll, 1e-9),
                         "train_tokens_per_s": n_tokens / max(t_train, 1e-9)})
         return metrics
 
-    def save(self, step: int) -> Path:
-        return save_checkpoint(self.run_dir, step, self.unwrapped, self.optimizer, self.scheduler,
-                               self.generators, self.config, keep=self.config.keep_checkpoints)
+    def save(self, step: int) -> Path | None:
+        "Process 0 writes the checkpoint; every process waits for it."
+        out = None
+        if self.is_main:
+            out = save_checkpoint(self.run_dir, step, self.unwrapped, self.optimizer, self.scheduler,
+                                  self.generators, self.config, keep=self.config.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+        return out
 
     def resume(self) -> int:
         "Load the latest checkpoint in the run directory if there is one; drop metrics after it."
         ck = latest_checkpoint(self.run_dir)
         self.step = 0 if ck is None else load_checkpoint(ck, self.unwrapped, self.optimizer, self.scheduler,
                                                          self.generators, self.config)
-        _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
         return self.step
 
     def evaluate(self, n_problems: int | None = None, k: int = 1) -> dict:
@@ -571,28 +657,38 @@ class Trainer:
     def train(self) -> TrainResult:
         "Run (or continue) to `config.steps`; log JSONL, checkpoint, plot; return a TrainResult."
         c = self.config
+        main = self.is_main
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
+        if main:
+            (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
         if c.resume:
             self.resume()
         else:
-            shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
-            _truncate_metrics(self.run_dir / "metrics.jsonl", -1)
-        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress, desc=f"{c.algo}")
-        with open(self.run_dir / "metrics.jsonl", "a") as log:
+            self.accelerator.wait_for_everyone()
+            if main:
+                shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+                _truncate_metrics(self.run_dir / "metrics.jsonl", -1)
+        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress or not main, desc=f"{c.algo}")
+        log = open(self.run_dir / "metrics.jsonl", "a") if main else None
+        try:
             while self.step < c.steps:
                 m = self.train_step(self.step)
                 self.step += 1
                 if c.eval_every and self.step % c.eval_every == 0:
                     m.update({f"eval/{k}": v for k, v in self.evaluate().items()})
-                log.write(json.dumps(m) + "\n"); log.flush()
+                if log is not None:
+                    log.write(json.dumps(m) + "\n"); log.flush()
                 if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
                     self.save(self.step)
                 bar.update(1)
                 bar.set_postfix(reward=f"{m['reward_mean']:.2f}", H=f"{m['entropy']:.2f}")
+        finally:
+            if log is not None:
+                log.close()
         bar.close()
+        self.accelerator.wait_for_everyone()
         records = read_metrics(self.run_dir)
-        if c.plot and records:
+        if c.plot and records and main:
             import matplotlib.pyplot as plt
             fig = plot_metrics(records, title=f"{c.algo} · {c.model}")
             fig.savefig(self.run_dir / "metrics.png", dpi=80); plt.close(fig)

@@ -1,0 +1,256 @@
+"""Data-parallel training over 2 CPU processes (torchrun, gloo) against 1 process with the same seed and global batch:
+the same loss, the same metrics and the same trained weights, for losses whose statistics are batch-global
+(token means, Clip-Cov / KL-Cov covariance selection, BAPO's sums, the 80/20 entropy mask, Dr. GRPO's 1/(B L)).
+
+Tolerance: rtol 1e-4, atol 1e-6. The two runs do the same arithmetic on the same rows except that each process pads
+its own rows to its own widest prompt / response, so sums run over different lengths: float32 rounding, not
+exactness. Runtime: one torchrun launch (2 processes, every configuration in one launch), ~20-40 s on 2 busy cores."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+BASE = dict(model="tiny", prompts_per_step=4, group_size=4, max_new_tokens=4, lr=1e-2, steps=1, epochs_per_step=2, progress=False,
+            plot=False, task_options={"instruction": None}, save_every=0, resume=False, device="cpu")
+CONFIGS = {
+    "grpo": dict(algo="grpo"),
+    "dr_grpo": dict(algo="dr_grpo"),
+    "grpo_8020": dict(algo="grpo", loss_options={"top_entropy_frac": 0.2}),
+    "clip_cov": dict(algo="clip_cov", loss_options={"clip_ratio": 0.2, "cov_lb": 0.0, "cov_ub": 1e9}),
+    "kl_cov": dict(algo="kl_cov", loss_options={"k": 0.2}),
+    "bapo_paper": dict(algo="bapo_paper"),
+    "tis": dict(algo="dapo", tis_cap=2.0),
+    "kl_cov_local": dict(algo="kl_cov", loss_options={"k": 0.2}, batch_scope="local"),   # per-process statistics
+}
+GLOBAL = [n for n in CONFIGS if CONFIGS[n].get("batch_scope") != "local"]
+
+WORKER = textwrap.dedent('''
+    import json, sys, torch
+    from entropy_rl.trainer import train
+    from entropy_rl.distributed import world
+    out, base, configs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    odd_length = lambda text, problem: float(len(text) % 2)
+    for name, cfg in configs.items():
+        r = train(dict(base, **cfg, output_dir=f"{out}/{name}"), reward_fn=odd_length)
+        rank, w = world()
+        if rank == 0:
+            torch.save({k: v.detach().cpu() for k, v in r.model.state_dict().items()}, f"{out}/{name}/weights.pt")
+            json.dump({"world": w, "metrics": r.metrics}, open(f"{out}/{name}/result.json", "w"))
+''')
+
+
+def odd_length(text, problem):
+    return float(len(text) % 2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def comparable(m: dict) -> dict:
+    return {k: v for k, v in m.items() if "time" not in k and "per_s" not in k and k != "processes"}
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on the PATH")
+    out = tmp_path_factory.mktemp("dist")
+    script = out / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(script), str(out), json.dumps(BASE), json.dumps(CONFIGS)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(out))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    return out
+
+
+@pytest.mark.parametrize("name", GLOBAL)
+def test_two_processes_equal_one(two_process_runs, tmp_path, name):
+    from entropy_rl.trainer import train
+    res = json.loads((two_process_runs / name / "result.json").read_text())
+    assert res["world"] == 2
+    one = train(dict(BASE, **CONFIGS[name], output_dir=str(tmp_path / name)), reward_fn=odd_length)
+    two = res["metrics"]
+    assert [m["step"] for m in two] == [1] and two[0]["processes"] == 2
+    assert any(m["groups_with_signal"] > 0 for m in one.metrics)        # the updates had something to do
+    for a, b in zip(one.metrics, two):
+        a, b = comparable(a), comparable(b)
+        assert set(a) == set(b), set(a) ^ set(b)
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (name, a["step"], k, a[k], b[k])
+    w2 = torch.load(two_process_runs / name / "weights.pt")
+    w1 = one.model.state_dict()
+    moved = False
+    for k, v in w1.items():
+        torch.testing.assert_close(w2[k], v.detach(), rtol=1e-4, atol=1e-6)
+    init = __import__("entropy_rl.models", fromlist=["tiny_model"]).tiny_model(seed=0)[0].state_dict()
+    assert any(not torch.equal(init[k], v) for k, v in w1.items())      # training changed the weights
+
+
+def test_local_scope_differs_from_one_process(two_process_runs, tmp_path):
+    "batch_scope='local' (each process selects its own top-covariance tokens) is a different computation: it runs, and it differs."
+    from entropy_rl.trainer import train
+    two = json.loads((two_process_runs / "kl_cov_local" / "result.json").read_text())["metrics"]
+    one = train(dict(BASE, **CONFIGS["kl_cov_local"], output_dir=str(tmp_path / "one")), reward_fn=odd_length).metrics
+    assert [m["step"] for m in two] == [1]
+    assert any(abs(a[k] - b[k]) > 1e-6 for a, b in zip(one, two) for k in ("loss", "selected_frac", "grad_norm"))
+
+
+def test_cli_module_under_torchrun(tmp_path):
+    "`torchrun -m entropy_rl.cli train ...`: two processes, one log written by process 0, metrics over both."
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on the PATH")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "entropy_rl.cli", "train", "--model", "tiny", "--steps", "1", "--output-dir", str(tmp_path / "run"),
+           "--fresh", "device=cpu", "prompts_per_step=2", "group_size=4", "max_new_tokens=4", "progress=false", "plot=false"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert p.returncode == 0, p.stderr[-4000:]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["processes"] == 2
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-000001"
+
+
+def test_vllm_engine_missing_gives_clear_message(tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    from entropy_rl.trainer import Trainer
+    with pytest.raises(ImportError, match=r"pip install entropy_rl\[gpu\]"):
+        Trainer(dict(BASE, rollout_engine="vllm", output_dir=str(tmp_path)))
+
+
+def test_bad_distributed_options(tmp_path):
+    from entropy_rl.trainer import TrainConfig
+    with pytest.raises(ValueError, match="rollout_engine"):
+        TrainConfig.from_dict(rollout_engine="sglang")
+    with pytest.raises(ValueError, match="batch_scope"):
+        TrainConfig.from_dict(batch_scope="node")
+    with pytest.raises(ValueError, match="tis_cap"):
+        TrainConfig.from_dict(tis_cap=0)
+    assert TrainConfig.from_dict(tis_cap="2").tis_cap == 2.0 and TrainConfig.from_dict(tis_cap="none").tis_cap is None
+
+
+class _StandInVLLM:
+    """A stand-in for the `vllm` module with the small surface VLLMEngine uses (LLM, SamplingParams, sleep/wake_up,
+    apply_model(load_weights), generate with per-request seeds and logprobs=0), sampling with transformers underneath.
+    It checks the engine's plumbing on CPU; it says nothing about real vLLM."""
+
+    class Logprob:
+        def __init__(self, logprob):
+            self.logprob = logprob
+
+    class SamplingParams:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    class LLM:
+        def __init__(self, model, gpu_memory_utilization, enable_sleep_mode, dtype, logprobs_mode=None):
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            assert enable_sleep_mode and logprobs_mode == "processed_logprobs"
+            self.model = AutoModelForCausalLM.from_pretrained(model).eval()
+            self.tok = AutoTokenizer.from_pretrained(model)
+            self.events = []
+
+        def apply_model(self, fn):
+            model = self.model
+
+            class Loader:
+                def load_weights(self, weights):
+                    missing, unexpected = model.load_state_dict(dict(weights), strict=False)
+                    assert not unexpected, unexpected
+            return fn(Loader())
+
+        def sleep(self, level):
+            self.events.append(f"sleep{level}")
+
+        def wake_up(self):
+            self.events.append("wake")
+
+        def reset_prefix_cache(self):
+            self.events.append("reset")
+
+        def generate(self, prompts, params, use_tqdm=False):
+            from types import SimpleNamespace as NS
+            from entropy_rl.rollout import TransformersEngine
+            eng, outs = TransformersEngine(self.model, self.tok), []
+            for prompt, sp in zip(prompts, params):
+                assert sp.logprobs == 0
+                text = self.tok.decode(prompt["prompt_token_ids"])
+                b = eng.generate([text], num_samples=sp.n, max_new_tokens=sp.max_tokens, temperature=sp.temperature,
+                                 top_p=sp.top_p, seed=[sp.seed])
+                rows = []
+                for ids, m, lp in zip(b.response_ids, b.response_mask, b.sampling_logprobs):
+                    ids, lp = ids[m].tolist(), lp[m].tolist()
+                    rows.append(NS(token_ids=ids, logprobs=[{t: _StandInVLLM.Logprob(l)} for t, l in zip(ids, lp)]))
+                outs.append(NS(outputs=rows))
+            return outs
+
+
+def test_vllm_engine_plumbing_with_stand_in(monkeypatch):
+    import types
+    from entropy_rl.models import apply_lora, tiny_model
+    from entropy_rl.rollout import TransformersEngine, VLLMEngine
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = _StandInVLLM.LLM, _StandInVLLM.SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    policy, tok = tiny_model(seed=0)
+    policy = apply_lora(policy, {"r": 2, "target_modules": "all-linear"})
+    for n, p in policy.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)             # the adapter changes the policy
+    policy.eval()
+    eng = VLLMEngine(policy, tok)
+    prompts = ["1+1=", "What is 4 + 3?"]
+    x = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(eng.llm.model(x).logits, policy(x).logits, rtol=1e-4, atol=1e-4)  # merged copy
+    b = eng.generate(prompts, num_samples=3, max_new_tokens=6, seed=[11, 12])
+    ref = TransformersEngine(policy, tok).generate(prompts, num_samples=3, max_new_tokens=6, seed=[11, 12])
+    assert b.texts == ref.texts and b.group_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    T = ref.response_ids.shape[1]
+    assert torch.equal(b.response_mask[:, :T], ref.response_mask) and not b.response_mask[:, T:].any()
+    torch.testing.assert_close(b.sampling_logprobs[:, :T], ref.sampling_logprobs, rtol=1e-4, atol=1e-5)
+    eng.release()
+    assert eng.sleeping and eng.llm.events[-1] == "sleep1"
+    with torch.no_grad():                                 # the policy moves; sync wakes vLLM and copies it
+        for n, p in policy.named_parameters():
+            if "lora_A" in n:
+                p.add_(0.3)
+    eng.sync_weights(policy)
+    assert not eng.sleeping and eng.llm.events[-2:] == ["wake", "reset"]
+    with torch.no_grad():
+        torch.testing.assert_close(eng.llm.model(x).logits, policy(x).logits, rtol=1e-4, atol=1e-4)
+    assert not any("lora" in k for k in eng.llm.model.state_dict())
+    assert all(not getattr(m, "merged", False) for m in policy.modules())   # unmerged again for training
+
+
+def test_trainer_with_stand_in_vllm(monkeypatch, tmp_path):
+    "The trainer's vLLM path end to end on CPU (stand-in module): sync before, sleep after each rollout, TIS weights logged."
+    import types
+    from entropy_rl.trainer import Trainer
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = _StandInVLLM.LLM, _StandInVLLM.SamplingParams
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    t = Trainer(dict(BASE, algo="dapo", rollout_engine="vllm", tis_cap=2.0, steps=2, prompts_per_step=2, epochs_per_step=1,
+                     plot=False, output_dir=str(tmp_path)),
+                reward_fn=odd_length)
+    ms = t.train().metrics
+    # step 1: vLLM is awake after loading (no wake), load, sleep; step 2: wake, load, sleep
+    assert t.engine.llm.events == ["reset", "sleep1", "wake", "reset", "sleep1"], t.engine.llm.events
+    for m in ms:
+        assert m["sample_logp_gap"] < 1e-4 and abs(m["token_weights/mean"] - 1) < 1e-3   # same weights: pi_old = mu
