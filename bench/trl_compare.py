@@ -4,7 +4,7 @@ Same model (the embedded default unless --model), task (default arithmetic, chat
 exact-match reward), prompts x samples per step, response length, learning rate, loss (GRPO, no KL),
 one optimizer step per rollout batch, no gradient checkpointing, device. Each framework runs in its
 own subprocess (so peak memory is its own); prints seconds per step (median over the steps after the
-first) and peak memory (CPU: max RSS of the process; GPU: torch.cuda.max_memory_allocated) for both,
+first, pooled over --repeats alternated runs of each) and peak memory (CPU: max RSS of the process; GPU: torch.cuda.max_memory_allocated) for both,
 and their ratio (TRL / entropy_rl: > 1 means entropy_rl is faster / lighter).
 
     PYTHONPATH=$PWD python bench/trl_compare.py --steps 4 --prompts 4 --samples 4 --tokens 16
@@ -92,6 +92,7 @@ def main():
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-6)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each framework, alternated")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--only", choices=["entropy_rl", "trl"], help=argparse.SUPPRESS)   # child mode
     args = p.parse_args()
@@ -108,24 +109,28 @@ def main():
     print(f"versions: torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")
     print(f"config: model={args.model} prompts={args.prompts} x samples={args.samples} tokens={args.tokens} "
           f"steps={args.steps} lr={args.lr} loss=GRPO (no KL), 1 optimizer step per rollout, no grad checkpointing")
-    out = {}
-    for name in ("entropy_rl", "trl"):
-        cmd = [sys.executable, __file__, "--only", name, "--model", args.model, "--steps", str(args.steps),
-               "--prompts", str(args.prompts), "--samples", str(args.samples), "--tokens", str(args.tokens),
-               "--lr", str(args.lr), "--device", args.device]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
-        if r.returncode or not line:
-            print(f"{name} failed:\n{r.stderr[-3000:]}"); sys.exit(1)
-        res = json.loads(line[-1][7:])
-        st = res["step_times"][1:] or res["step_times"]
-        res["s_per_step"] = statistics.median(st)
-        out[name] = res
-        print(f"{name:11s} s/step (median of steps 2..{args.steps}) {res['s_per_step']:8.2f}   all steps "
-              f"{[round(x, 1) for x in res['step_times']]}   peak memory {res['peak_mb']:8.0f} MiB")
+    out = {name: {"step_times": [], "peak_mb": []} for name in ("entropy_rl", "trl")}
+    for rep in range(args.repeats):   # alternate the two, so slow drifts of a shared machine hit both alike
+        for name in ("entropy_rl", "trl") if rep % 2 == 0 else ("trl", "entropy_rl"):
+            cmd = [sys.executable, __file__, "--only", name, "--model", args.model, "--steps", str(args.steps),
+                   "--prompts", str(args.prompts), "--samples", str(args.samples), "--tokens", str(args.tokens),
+                   "--lr", str(args.lr), "--device", args.device]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            line = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+            if r.returncode or not line:
+                print(f"{name} failed:\n{r.stderr[-3000:]}"); sys.exit(1)
+            res = json.loads(line[-1][7:])
+            st = res["step_times"][1:] or res["step_times"]   # the first step includes warm-up
+            out[name]["step_times"] += st; out[name]["peak_mb"].append(res["peak_mb"])
+            print(f"run {rep + 1}/{args.repeats} {name:11s} s/step {[round(x, 1) for x in st]}  median {statistics.median(st):6.2f}"
+                  f"   peak memory {res['peak_mb']:7.0f} MiB", flush=True)
+    for name, res in out.items():
+        res["s_per_step"] = statistics.median(res["step_times"]); res["peak"] = max(res["peak_mb"])
+        print(f"{name:11s} s/step (median of {len(res['step_times'])} steps, warm-up steps left out) {res['s_per_step']:7.2f}"
+              f"   peak memory (max over runs) {res['peak']:7.0f} MiB")
     a, b = out["entropy_rl"], out["trl"]
     print(f"ratio TRL / entropy_rl: time per step {b['s_per_step'] / a['s_per_step']:.2f}x, "
-          f"peak memory {b['peak_mb'] / a['peak_mb']:.2f}x")
+          f"peak memory {b['peak'] / a['peak']:.2f}x")
 
 
 if __name__ == "__main__":
