@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The CPU version of the entropy-collapse experiment (notebook 13): about an hour for the four runs on
-# 2 shared CPU cores (STEPS=15 halves it). Four losses from the same start: the embedded default model (SmolLM2-135M-Instruct,
+# The CPU version of the entropy-collapse experiment (notebook 13): about half an hour for the four runs on
+# 2 idle CPU cores, about an hour on a busy machine (STEPS=15 halves it). Four losses from the same start: the embedded default model (SmolLM2-135M-Instruct,
 # full fine-tuning), the default task (one-digit addition), seed 0, so every run starts from the same
 # weights and sees the same prompts; only --algo differs. Two runs at a time, one thread each.
 # Each run is then scored on held-out problems (40 problems x 8 samples, pass@1), as is the start model.
