@@ -205,6 +205,25 @@ def chunked_logprob_entropy(
 if HAS_TRITON:
 
     @triton.jit
+    def _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                     DOT_FP32: tl.constexpr, PREC: tl.constexpr):
+        "The fp32 tile h[rows] @ W[cols]^T, accumulated over D in BLOCK_D slices (shared by both kernels)."
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < D
+            hb = tl.load(h_ptr + rows[:, None] * stride_hn + ds[None, :] * stride_hd,
+                         mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            wb = tl.load(w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
+                         mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            if DOT_FP32:
+                acc = tl.dot(hb.to(tl.float32), tl.trans(wb.to(tl.float32)), acc, input_precision=PREC)
+            else:
+                acc = tl.dot(hb, tl.trans(wb), acc)
+        return acc
+
+    @triton.jit
     def _fwd_kernel(h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr,
                     N, V, D, inv_temp, v_per_split, n_splits,
                     stride_hn, stride_hd, stride_wv, stride_wd,
@@ -225,18 +244,8 @@ if HAS_TRITON:
         for v0 in range(v_start, v_end, BLOCK_V):
             cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
             col_ok = cols < v_end
-            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                ds = d0 + tl.arange(0, BLOCK_D)
-                d_ok = ds < D
-                hb = tl.load(h_ptr + rows[:, None] * stride_hn + ds[None, :] * stride_hd,
-                             mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                wb = tl.load(w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
-                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                if DOT_FP32:
-                    acc = tl.dot(hb.to(tl.float32), tl.trans(wb.to(tl.float32)), acc, input_precision=PREC)
-                else:
-                    acc = tl.dot(hb, tl.trans(wb), acc)
+            acc = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                               BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PREC)
             z = tl.where(col_ok[None, :], acc * inv_temp, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=1))
             alpha = tl.exp(m - m_new)
@@ -274,18 +283,8 @@ if HAS_TRITON:
         for v0 in range(v_start, v_end, BLOCK_V):
             cols = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
             col_ok = cols < v_end
-            acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-            for d0 in range(0, D, BLOCK_D):
-                ds = d0 + tl.arange(0, BLOCK_D)
-                d_ok = ds < D
-                hb = tl.load(h_ptr + rows[:, None] * stride_hn + ds[None, :] * stride_hd,
-                             mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                wb = tl.load(w_ptr + cols[:, None] * stride_wv + ds[None, :] * stride_wd,
-                             mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                if DOT_FP32:
-                    acc = tl.dot(hb.to(tl.float32), tl.trans(wb.to(tl.float32)), acc, input_precision=PREC)
-                else:
-                    acc = tl.dot(hb, tl.trans(wb), acc)
+            acc = _logits_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                               BLOCK_N, BLOCK_V, BLOCK_D, DOT_FP32, PREC)
             z = acc * inv_temp
             p = tl.where(col_ok[None, :], tl.exp(z - lse[:, None]), 0.0)
             dz = -p * (glp[:, None] + gh[:, None] * (z - ez[:, None]))
