@@ -170,20 +170,29 @@ def _check_top_p(top_p: float) -> float:
     return float(top_p)
 
 
-def _nucleus_keep(logp: torch.Tensor, top_p: float) -> torch.Tensor:
-    "Bool mask of the nucleus of log-probs `logp` (strict rule; top_p = 1 keeps every unmasked token)."
+def _nucleus_keep(logp: torch.Tensor, top_p: float, inclusive: bool = False) -> torch.Tensor:
+    """Bool mask of the nucleus of log-probs `logp`; top_p = 1 keeps every unmasked token.
+    Strict rule (SIREN): keep while the cumulative probability *including* the token stays below `top_p`.
+    Inclusive rule (top-p sampling): keep while the mass *before* the token is below `top_p`, so the token
+    that crosses `top_p` is kept too (and the most probable token always is)."""
     if top_p >= 1.0:
         return ~torch.isneginf(logp)
     p_sorted, order = logp.detach().exp().sort(dim=-1, descending=True)
-    keep_sorted = p_sorted.cumsum(dim=-1) < top_p
+    cum = p_sorted.cumsum(dim=-1)
+    if inclusive:   # the mass before each token: the cumulative sum shifted by one (exact at ties, unlike cum - p)
+        cum = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)
+    keep_sorted = cum < top_p
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 # %% ../nbs/00_entropy.ipynb #dab66a48
-def nucleus_mask(logits: torch.Tensor, top_p: float = 0.8, temperature: float = 1.0) -> torch.Tensor:
-    "Bool tensor like `logits`: True for the tokens of the top-p nucleus of softmax(logits / temperature)."
+def nucleus_mask(logits: torch.Tensor, top_p: float = 0.8, temperature: float = 1.0,
+                 inclusive: bool = False) -> torch.Tensor:
+    """Bool tensor like `logits`: True for the tokens of the top-p nucleus of softmax(logits / temperature).
+    `inclusive=False` is SIREN's strict nucleus; `inclusive=True` is the set top-p *sampling* draws from
+    (it also keeps the token that crosses `top_p`)."""
     _check_logits(logits)
     t, p = _check_temperature(temperature), _check_top_p(top_p)
-    return _nucleus_keep(torch.log_softmax(_shifted_logits(logits, t), dim=-1), p)
+    return _nucleus_keep(torch.log_softmax(_shifted_logits(logits, t), dim=-1), p, inclusive)
 
 
 def nucleus_entropy(logits: torch.Tensor, top_p: float = 0.8, temperature: float = 1.0) -> torch.Tensor:

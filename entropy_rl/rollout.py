@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+from .entropy import logprobs_from_logits, nucleus_mask
+
 # %% ../nbs/10_rollout.ipynb #c47482f9
 @dataclass
 class RolloutBatch:
@@ -59,8 +61,8 @@ def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0) -> t
     "[B, T] fp32 log-probs of `batch.response_ids` under `model` (teacher forced, logits / temperature); 0 where masked."
     inp = {k: v.to(next(model.parameters()).device) for k, v in batch.model_inputs().items()}
     P = batch.prompt_ids.shape[1]
-    logits = model(**inp).logits[:, P - 1:-1].float() / temperature
-    lp = torch.log_softmax(logits, -1).gather(-1, inp["input_ids"][:, P:, None]).squeeze(-1)
+    logits = model(**inp).logits[:, P - 1:-1]
+    lp = logprobs_from_logits(logits, inp["input_ids"][:, P:], temperature)   # chapter 00's fp32 log-probs
     return lp.masked_fill(~batch.response_mask.to(lp.device), 0.0)
 
 # %% ../nbs/10_rollout.ipynb #6ec5cca0
@@ -78,11 +80,7 @@ class RolloutEngine(abc.ABC):
 # %% ../nbs/10_rollout.ipynb #46c0420c
 def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     "Bool mask of the tokens kept by nucleus sampling: the smallest top set whose probability reaches `top_p` (>= 1 token)."
-    if top_p >= 1.0: return torch.ones_like(logits, dtype=torch.bool)
-    probs, idx = torch.softmax(logits.float(), -1).sort(-1, descending=True)
-    keep_sorted = (probs.cumsum(-1) - probs) < top_p      # mass before this token is still short of top_p
-    keep_sorted[..., 0] = True
-    return torch.zeros_like(keep_sorted).scatter(-1, idx, keep_sorted)
+    return nucleus_mask(logits, top_p, inclusive=True)   # chapter 00's nucleus, with the sampling (inclusive) rule
 
 class _SamplingWarper:
     """Logits processor: temperature + top-p, and records log mu(chosen token) step by step. With `row_seeds`
