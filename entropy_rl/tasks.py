@@ -63,7 +63,19 @@ DEFAULT_SYSTEM = "You are a calculator. Reply with only the number."
 
 def _operand_range(d: int) -> range: return range(0 if d == 1 else 10 ** (d - 1), 10 ** d)
 
-class ArithmeticTask:
+class _ChatTask:
+    "What every task here shares: a chat prompt with the task's system line, and the exact-match reward."
+    system: str | None = None
+
+    def prompt(self, tokenizer, problem: Problem) -> str:
+        "Chat prompt text for `problem` (with this task's system message)."
+        return build_prompt(tokenizer, problem.question, system=self.system)
+
+    def reward(self, completion: str, problem: Problem) -> float:
+        "Exact-match reward of `completion` for `problem`."
+        return grade(completion, problem.answer)
+
+class ArithmeticTask(_ChatTask):
     "Seeded `a op b` problems with disjoint train / held-out splits and an exact-match reward."
     def __init__(self, min_digits: int = 1, max_digits: int = 1, operators: Sequence[str] = ("+",), *,
                  held_out: float = 0.2, split_seed: int = 0, instruction: str | None = DEFAULT_INSTRUCTION,
@@ -121,14 +133,6 @@ class ArithmeticTask:
         "A fixed evaluation set: `n` held-out problems (the same in every run)."
         return self.sample(n, "test", seed=seed)
 
-    def prompt(self, tokenizer, problem: Problem) -> str:
-        "Chat prompt text for `problem` (with this task's system message)."
-        return build_prompt(tokenizer, problem.question, system=self.system)
-
-    def reward(self, completion: str, problem: Problem) -> float:
-        "Exact-match reward of `completion` for `problem`."
-        return grade(completion, problem.answer)
-
 # %% ../nbs/09_tasks.ipynb #61c74b66
 def load_jsonl_task(path: str | Path, *, question_key: str = "question", answer_key: str = "answer") -> list[Problem]:
     "Read GSM8K-style JSONL (question / answer ending in '#### 42') into `Problem`s."
@@ -148,7 +152,7 @@ def load_jsonl_task(path: str | Path, *, question_key: str = "question", answer_
     if not out: raise ValueError(f"{path}: no problems")
     return out
 
-class ListTask:
+class ListTask(_ChatTask):
     "A task over a fixed list of problems (e.g. from `load_jsonl_task`), split by a stable hash like `ArithmeticTask`."
     def __init__(self, problems: Sequence[Problem], *, held_out: float = 0.2, split_seed: int = 0, system: str | None = None):
         if not problems: raise ValueError("ListTask needs at least one problem")
@@ -166,12 +170,6 @@ class ListTask:
     def held_out_set(self, n: int = 200, seed: int = 12345) -> list[Problem]:
         "Up to `n` held-out problems in a fixed order."
         return list(self.splits["test"][:n])
-    def prompt(self, tokenizer, problem: Problem) -> str:
-        "Chat prompt text for `problem`."
-        return build_prompt(tokenizer, problem.question, system=self.system)
-    def reward(self, completion: str, problem: Problem) -> float:
-        "Exact-match reward."
-        return grade(completion, problem.answer)
 
 # %% ../nbs/09_tasks.ipynb #e8e8b966
 def build_prompt(tokenizer, question: str, system: str | None = None) -> str:
