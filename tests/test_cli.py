@@ -22,7 +22,7 @@ SMALL = ["--model", "tiny", "prompts_per_step=2", "group_size=2", "max_new_token
          "task_options.instruction=null"]
 
 
-def test_train_eval_plot_end_to_end(tmp_path):
+def test_train_end_to_end(tmp_path):
     run = tmp_path / "run"
     r = cli("train", "--steps", "3", "--output-dir", str(run), *SMALL)
     assert r.returncode == 0, r.stderr

@@ -5,6 +5,7 @@ the same loss, the same metrics and the same trained weights, for losses whose s
 Tolerance: rtol 1e-4, atol 1e-6. The two runs do the same arithmetic on the same rows except that each process pads
 its own rows to its own widest prompt / response, so sums run over different lengths: float32 rounding, not
 exactness. Runtime: one torchrun launch (2 processes, every configuration in one launch), ~20-40 s on 2 busy cores."""
+import math
 import json
 import os
 import shutil
@@ -148,7 +149,9 @@ def test_bad_distributed_options(tmp_path):
 class _StandInVLLM:
     """A stand-in for the `vllm` module with the small surface VLLMEngine uses (LLM, SamplingParams, sleep/wake_up,
     apply_model(load_weights), generate with per-request seeds and logprobs=0), sampling with transformers underneath.
-    It checks the engine's plumbing on CPU; it says nothing about real vLLM."""
+    It checks the engine's plumbing on CPU; it says nothing about real vLLM. `logprob_shift` lowers every reported
+    log-prob by a known amount, standing in for an engine whose numerics differ from the policy's."""
+    logprob_shift = 0.0
 
     class Logprob:
         def __init__(self, logprob):
@@ -196,7 +199,7 @@ class _StandInVLLM:
                 rows = []
                 for ids, m, lp in zip(b.response_ids, b.response_mask, b.sampling_logprobs):
                     ids, lp = ids[m].tolist(), lp[m].tolist()
-                    rows.append(NS(token_ids=ids, logprobs=[{t: _StandInVLLM.Logprob(l)} for t, l in zip(ids, lp)]))
+                    rows.append(NS(token_ids=ids, logprobs=[{t: _StandInVLLM.Logprob(l - _StandInVLLM.logprob_shift)} for t, l in zip(ids, lp)]))
                 outs.append(NS(outputs=rows))
             return outs
 
@@ -239,8 +242,11 @@ def test_vllm_engine_plumbing_with_stand_in(monkeypatch):
     assert all(not getattr(m, "merged", False) for m in policy.modules())   # unmerged again for training
 
 
-def test_trainer_with_stand_in_vllm(monkeypatch, tmp_path):
-    "The trainer's vLLM path end to end on CPU (stand-in module): sync before, sleep after each rollout, TIS weights logged."
+@pytest.mark.parametrize("shift", [0.0, 0.5, 1.0])
+def test_trainer_with_stand_in_vllm(monkeypatch, tmp_path, shift):
+    """The trainer's vLLM path end to end on CPU (stand-in module): sync before, sleep after each rollout, TIS weights.
+    The engine reports log mu = log pi_old - shift, so the logged gap is `shift` and every weight is min(e^shift, 2)."""
+    monkeypatch.setattr(_StandInVLLM, "logprob_shift", shift)
     import types
     from entropy_rl.trainer import Trainer
     fake = types.ModuleType("vllm")
@@ -253,4 +259,5 @@ def test_trainer_with_stand_in_vllm(monkeypatch, tmp_path):
     # step 1: vLLM is awake after loading (no wake), load, sleep; step 2: wake, load, sleep
     assert t.engine.llm.events == ["reset", "sleep1", "wake", "reset", "sleep1"], t.engine.llm.events
     for m in ms:
-        assert m["sample_logp_gap"] < 1e-4 and abs(m["token_weights/mean"] - 1) < 1e-3   # same weights: pi_old = mu
+        assert abs(m["sample_logp_gap"] - shift) < 1e-4                              # |log pi_old - log mu|
+        assert abs(m["token_weights/mean"] - min(math.exp(shift), 2.0)) < 1e-3        # truncated at tis_cap = 2

@@ -13,6 +13,11 @@ def test_tiny_end_to_end_rewards():
                                                 max_new_tokens=6, seed=0)
     rewards = torch.tensor([task.reward(t, probs[g]) for t, g in zip(b.texts, b.group_ids.tolist())])
     assert rewards.shape == (6,) and set(rewards.tolist()) <= {0.0, 1.0}
+    assert b.group_ids.tolist() == [0, 0, 1, 1, 2, 2]                       # rows grouped by prompt
+    for t, ids, m in zip(b.texts, b.response_ids, b.response_mask):      # texts are the decoded response tokens
+        assert t == tok.decode(ids[m.bool()], skip_special_tokens=True)
+    # the same grading path rewards a correct reply and only a correct one
+    assert [task.reward(f"{int(p.answer) + d}", p) for p in probs for d in (0, 1)] == [1.0, 0.0] * 3
 
 
 @pytest.mark.slow

@@ -70,19 +70,31 @@ def test_resume_refuses_a_different_config(tmp_path):
 
 
 def test_fused_and_unfused_runs_agree(tmp_path):
-    a = train(steps=2, output_dir=str(tmp_path / "f"), **TINY, fused=True, reward_fn=odd_length).metrics
-    b = train(steps=2, output_dir=str(tmp_path / "u"), **TINY, fused=False, reward_fn=odd_length).metrics
+    kw = dict(TINY, minibatches=2, reward_fn=odd_length)     # the second minibatch sees ratios != 1
+    a = train(steps=2, output_dir=str(tmp_path / "f"), **kw, fused=True).metrics
+    b = train(steps=2, output_dir=str(tmp_path / "u"), **kw, fused=False).metrics
+    assert any(r["ratio_max"] > 1 + 1e-4 for r in a)
     for x, y in zip(strip_timing(a), strip_timing(b)):
-        for k in ("reward_mean", "entropy", "loss", "grad_norm", "ratio_max"):
+        for k in ("reward_mean", "entropy", "loss", "grad_norm", "ratio_max", "ratio_min"):
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), k
+
+
+# options that make the covariance mechanisms select tokens on a batch of ~30 tokens (the published 2e-4 selects none)
+SELECTING = {"clip_cov": {"clip_ratio": 0.2, "cov_lb": -1e9, "cov_ub": 1e9}, "kl_cov": {"k": 0.2}}
 
 
 @pytest.mark.parametrize("algo", list_losses())
 def test_every_registered_loss_trains(tmp_path, algo):
-    res = train(steps=1, output_dir=str(tmp_path / algo), **TINY, algo=algo, reward_fn=odd_length)
+    res = train(steps=1, output_dir=str(tmp_path / algo), **{**TINY, "minibatches": 2}, algo=algo,
+                loss_options=SELECTING.get(algo, {}), reward_fn=odd_length)
     m = res.metrics[0]
     for k in ("reward_mean", "pass_rate", "entropy", "cov_mean", "ratio_mean", "response_len", "tokens_per_s", "loss"):
         assert k in m and m[k] == m[k], k                         # present and not NaN
+    assert m["pass_rate"] == m["reward_mean"]                     # binary rewards
+    assert m["grad_norm"] > 0                                     # the loss reached the weights
+    assert m["ratio_max"] > 1 + 1e-4 or m["ratio_min"] < 1 - 1e-4  # the second minibatch is off-policy
+    if algo in SELECTING:
+        assert m["selected_frac"] > 0, m["selected_frac"]
 
 
 def test_lora_checkpoint_holds_only_the_adapter(tmp_path):
