@@ -5,12 +5,15 @@
 # %% ../nbs/15_distributed.ipynb #0a78c0ca
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['SCOPES', 'world', 'shard_groups', 'all_reduce', 'gather_rows', 'mean_across', 'global_policy_loss']
+__all__ = ['SCOPES', 'world', 'shard_groups', 'all_reduce', 'gather_rows', 'mean_across', 'global_policy_loss', 'fsdp_units',
+           'is_sharded', 'gathered_params', 'full_state', 'load_full_state']
 
 # %% ../nbs/15_distributed.ipynb #5178d60a
 SCOPES: tuple[str, ...] = ("global", "local")
@@ -130,3 +133,101 @@ def global_policy_loss(name: str, logp: Tensor, old_logp: Tensor, advantages: Te
     g = lambda x, pad=0: gather_rows(x, width, pad) if isinstance(x, Tensor) and x.dim() in (1, 2) and x.shape[0] == b else x
     opts = {k: g(v) for k, v in options.items()}
     return policy_loss(name, g(logp), g(old_logp), g(advantages), g(mask, False), **opts)
+
+# %% ../nbs/15_distributed.ipynb #49345999
+def fsdp_units(model: torch.nn.Module) -> list:
+    "The FSDP2 (`fully_shard`) units inside `model`, outermost first; [] when FSDP2 does not shard it."
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+def _is_fsdp1(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    "Whether FSDP (version 1 or 2) shards `model`'s parameters across processes."
+    return bool(fsdp_units(model)) or _is_fsdp1(model)
+
+def _reshard_setting(unit):
+    # FSDP2 keeps "reshard after forward" per parameter group as its post-forward mesh (None: keep unsharded);
+    # torch has a setter but no getter, so the setting is read here to be put back exactly.
+    st = unit._get_fsdp_state()
+    return getattr(st, "_auto_reshard_after_forward", None), [g.post_forward_mesh_info for g in st._fsdp_param_groups]
+
+def _restore_reshard_setting(unit, saved) -> None:
+    st = unit._get_fsdp_state()
+    auto, infos = saved
+    if auto is not None:
+        st._auto_reshard_after_forward = auto
+    for g, info in zip(st._fsdp_param_groups, infos):
+        g.post_forward_mesh_info = info
+
+@contextmanager
+def gathered_params(model: torch.nn.Module):
+    """Every parameter of `model` whole on every process inside the block, with no collective inside it (so the
+    processes may run different numbers of forwards, as generation does). FSDP2: unshard each unit and keep it
+    unsharded through forwards; FSDP1: `summon_full_params`; otherwise nothing to do. Writes are not kept.
+    Entering and leaving are collective under FSDP: every process must enter."""
+    units = fsdp_units(model)
+    if units:
+        # FSDP2 makes the first unit to run forward its root; generation calls the inner layers first, so settle
+        # the root (the outermost unit) now, as its own first forward would
+        units[0]._get_fsdp_state()._lazy_init()
+        saved = [_reshard_setting(u) for u in units]
+        try:
+            for u in units:
+                u.set_reshard_after_forward(False, recurse=False)
+                u.unshard()
+            yield model
+        finally:
+            for u, s in zip(units, saved):
+                _restore_reshard_setting(u, s)
+                u.reshard()
+    elif _is_fsdp1(model):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+            yield model
+    else:
+        yield model
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Collective: the full model and optimizer state dicts, keyed by parameter name whatever the layout, on CPU.
+    Under several processes only process 0 receives them (the others get empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                    optimizer_state: dict) -> None:
+    """Collective inverse of `full_state`: every process passes the same full dicts and keeps its own shard.
+    Entries `model_state` leaves out (frozen base weights under LoRA, say) keep their current values."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, set_model_state_dict,
+                                                         set_state_dict)
+    options = StateDictOptions(full_state_dict=True)
+    current = get_model_state_dict(model, options=options)       # collective: the whole model on every process
+    unknown = sorted(set(model_state) - set(current))
+    if unknown:
+        raise ValueError(f"model_state names entries the model does not have: {unknown[:3]}")
+    given = dict(model_state)
+    for names in _tied_names(model, current):    # tied weights: the state dict holds one entry per name, and a stale
+        known = [n for n in names if n in given]  # copy under one name would overwrite the new value under the other
+        for n in names:
+            if known:
+                given.setdefault(n, given[known[0]])
+    if optimizer_state.get("state"):
+        set_state_dict(model, optimizer, model_state_dict={**current, **given}, optim_state_dict=optimizer_state,
+                       options=options)
+    else:   # nothing accumulated yet (no step taken; plain SGD): torch's loader refuses an empty state
+        set_model_state_dict(model, {**current, **given}, options=options)
+        for group, saved in zip(optimizer.param_groups, optimizer_state.get("param_groups", [])):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+
+_WRAPPER_NAMES = {"module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}   # DDP, FSDP1, compile
+
+def _tied_names(model: torch.nn.Module, keys) -> list[list[str]]:
+    "Groups of state-dict names (among `keys`) that are one parameter: tied embeddings, say."
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
+        if key in keys:
+            groups.setdefault(id(p), []).append(key)
+    return [g for g in groups.values() if len(g) > 1]

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from .advantages import group_advantages
 from .covariance import token_covariance
 from .entropy import entropy_from_logits, logprobs_from_logits
-from .distributed import SCOPES, all_reduce, gather_rows, global_policy_loss, mean_across, shard_groups
+from .distributed import (SCOPES, all_reduce, full_state, gather_rows, gathered_params, global_policy_loss,
+                                    is_sharded, load_full_state, mean_across, shard_groups)
 from .losses import list_losses, loss_options, policy_loss
 
 # %% auto #0
@@ -218,6 +219,9 @@ class PolicyScorer(torch.nn.Module):
     def __init__(self, policy, temperature: float = 1.0, fused: bool = True):
         super().__init__()
         self.policy, self.temperature, self.fused = policy, temperature, fused
+        # FSDP's transformer-layer auto-wrap reads the layer classes from the module it is given: pass the policy's
+        # on, or FSDP wraps only this root and gathers the whole model at every forward
+        self._no_split_modules = getattr(policy, "_no_split_modules", None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
         return policy_logprobs_and_entropy(self.policy, input_ids, attention_mask, response_mask, self.temperature, self.fused)
@@ -325,19 +329,23 @@ def _set_rng_state(s: dict, generators: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, generators: dict,
-                    config: TrainConfig, keep: int = 1) -> Path:
+                    config: TrainConfig, keep: int = 1, *, weights: dict | None = None,
+                    optimizer_state: dict | None = None) -> Path:
     """Write `checkpoints/step-NNNNNN` atomically (a temp directory renamed into place, then the
     `latest` pointer replaced), keeping the `keep` newest. Saves the trainable weights (all of them,
-    or only the LoRA adapter), optimizer, scheduler, step and every RNG state."""
+    or only the LoRA adapter), optimizer, scheduler, step and every RNG state. `weights` / `optimizer_state`
+    replace what `model` / `optimizer` hold (the trainer passes the gathered full state, see `full_state`)."""
     from safetensors.torch import save_file
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(weights, str(tmp / "model.safetensors"))
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+    if weights is None:
+        weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    save_file({n: w.cpu().contiguous() for n, w in weights.items()}, str(tmp / "model.safetensors"))
+    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+    torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                 "rng": _rng_state(generators), "config": config.to_dict()}, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -358,8 +366,9 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def load_weights(path: str | Path, model) -> None:
     "Copy a checkpoint's saved (trainable) weights into `model`."
     from safetensors.torch import load_file
-    path = Path(path)
-    weights = load_file(str(path / "model.safetensors"))
+    _copy_weights(load_file(str(Path(path) / "model.safetensors")), model, path)
+
+def _copy_weights(weights: dict, model, path) -> None:
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
     if missing:
@@ -373,9 +382,10 @@ RESUMABLE_CHANGES = ("steps", "output_dir", "resume", "progress", "plot", "save_
                      "eval_every", "eval_problems")
 
 def load_checkpoint(path: str | Path, model, optimizer, scheduler, generators: dict,
-                    config: TrainConfig | None = None) -> int:
+                    config: TrainConfig | None = None, *, restore=None) -> int:
     """Restore weights, optimizer, scheduler and RNG states in place; return the step it was saved at.
-    With `config`, refuse a checkpoint written under a different configuration."""
+    With `config`, refuse a checkpoint written under a different configuration. `restore(weights, optimizer_state)`
+    replaces the plain copy into `model` / `optimizer` (the trainer's, which also handles sharded models)."""
     path = Path(path)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     if config is not None:
@@ -385,8 +395,12 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler, generators: d
         if diff:
             raise ValueError(f"checkpoint {path} was written with a different config ({', '.join(f'{k}: {then.get(k)!r} -> {now[k]!r}' for k in diff)}); "
                              "use another output_dir or resume=false to start over")
-    load_weights(path, model)
-    optimizer.load_state_dict(state["optimizer"])
+    if restore is None:
+        load_weights(path, model)
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        from safetensors.torch import load_file
+        restore(load_file(str(path / "model.safetensors")), state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"], generators)
     return int(state["step"])
@@ -451,9 +465,17 @@ def _mean_dicts(ds: list[dict]) -> dict:
         out[k] = sum(vals) / len(vals)
     return out
 
+_SCORER_PREFIX = "policy."      # the policy's parameter names inside PolicyScorer's state dict
+
+def _keyed_by_name(optimizer_state: dict) -> bool:
+    "Whether an optimizer state dict names its parameters (torch.distributed.checkpoint's form) rather than numbering them."
+    groups = optimizer_state.get("param_groups", [])
+    return bool(groups) and all(isinstance(p, str) for g in groups for p in g["params"])
+
 @dataclass
 class TrainResult:
-    "What `train` hands back: where the run lives, its per-step metrics, and the trained policy."
+    """What `train` hands back: where the run lives, its per-step metrics, and the trained policy. Under FSDP the
+    policy's parameters are this process's shards; the last checkpoint holds the whole weights."""
     run_dir: Path
     metrics: list
     step: int
@@ -491,6 +513,9 @@ class Trainer:
         # the scheduler stays outside accelerate.prepare: its wrapper steps W times per call in W processes
         self.scheduler = _scheduler(optimizer, c, total)
         self.model, self.optimizer = self.accelerator.prepare(PolicyScorer(model, c.temperature, c.fused), optimizer)
+        if c.rollout_engine == "vllm" and is_sharded(self.model):
+            raise ValueError("rollout_engine='vllm' is not supported with FSDP (the engine needs the whole policy's "
+                             "weights on each process's GPU every step); use DDP or rollout_engine='transformers'")
         self.generators = {"rollout": torch.Generator().manual_seed(c.seed + 1),
                            "shuffle": torch.Generator().manual_seed(c.seed + 2),
                            "loss": torch.Generator().manual_seed(c.seed + 3)}
@@ -528,13 +553,8 @@ class Trainer:
             return self.model(ids, attn, mask)
 
     def _full_params(self):
-        "FSDP: gather the full weights for generation (untested here); otherwise nothing to do."
-        from contextlib import nullcontext
-        from accelerate.utils import DistributedType
-        if self.accelerator.distributed_type == DistributedType.FSDP:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-            return FSDP.summon_full_params(self.model, writeback=False)
-        return nullcontext()
+        "The whole weights on every process for generation (FSDP gathers its shards; otherwise nothing to do)."
+        return gathered_params(self.model)
 
     def train_step(self, step: int) -> dict:
         "One RLVR step; returns its metrics (over all processes' groups)."
@@ -630,20 +650,43 @@ class Trainer:
                         "train_tokens_per_s": n_tokens / max(t_train, 1e-9)})
         return metrics
 
+    def _trainable(self) -> dict:
+        return {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
+
     def save(self, step: int) -> Path | None:
-        "Process 0 writes the checkpoint; every process waits for it."
+        """Every process gathers the full model and optimizer state, keyed by parameter name (`full_state`; under
+        FSDP this is a collective); process 0 writes the checkpoint; every process waits for it."""
+        model_state, optimizer_state = full_state(self.model, self.optimizer.optimizer)
         out = None
         if self.is_main:
+            weights = {n: model_state[_SCORER_PREFIX + n] for n in self._trainable()}
             out = save_checkpoint(self.run_dir, step, self.unwrapped, self.optimizer, self.scheduler,
-                                  self.generators, self.config, keep=self.config.keep_checkpoints)
+                                  self.generators, self.config, keep=self.config.keep_checkpoints,
+                                  weights=weights, optimizer_state=optimizer_state)
         self.accelerator.wait_for_everyone()
         return out
+
+    def _restore(self, weights: dict, optimizer_state: dict) -> None:
+        "A checkpoint's weights and optimizer state into the (possibly sharded) policy; collective under FSDP."
+        if _keyed_by_name(optimizer_state):
+            params = self._trainable()
+            unknown = [n for n in weights if n not in params]
+            if unknown:
+                raise ValueError(f"checkpoint does not match the model: unknown parameters {unknown[:3]}")
+            load_full_state(self.model, self.optimizer.optimizer,
+                            {_SCORER_PREFIX + n: w.to(params[n].dtype) for n, w in weights.items()}, optimizer_state)
+        elif is_sharded(self.model):
+            raise ValueError("this checkpoint keys its optimizer state by position (an entropy_rl version before "
+                             "name-keyed checkpoints); resume it without FSDP")
+        else:
+            _copy_weights(weights, self.unwrapped, self.run_dir)
+            self.optimizer.load_state_dict(optimizer_state)
 
     def resume(self) -> int:
         "Load the latest checkpoint in the run directory if there is one; drop metrics after it."
         ck = latest_checkpoint(self.run_dir)
         self.step = 0 if ck is None else load_checkpoint(ck, self.unwrapped, self.optimizer, self.scheduler,
-                                                         self.generators, self.config)
+                                                         self.generators, self.config, restore=self._restore)
         self.accelerator.wait_for_everyone()
         if self.is_main:
             _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
@@ -651,8 +694,9 @@ class Trainer:
 
     def evaluate(self, n_problems: int | None = None, k: int = 1) -> dict:
         c = self.config
-        return evaluate(self.unwrapped, self.tokenizer, self.task, n_problems=n_problems or c.eval_problems, k=k,
-                        max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed)
+        with gathered_params(self.model):
+            return evaluate(self.unwrapped, self.tokenizer, self.task, n_problems=n_problems or c.eval_problems, k=k,
+                            max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed)
 
     def train(self) -> TrainResult:
         "Run (or continue) to `config.steps`; log JSONL, checkpoint, plot; return a TrainResult."

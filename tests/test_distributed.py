@@ -63,20 +63,24 @@ def comparable(m: dict) -> dict:
     return {k: v for k, v in m.items() if "time" not in k and "per_s" not in k and k != "processes"}
 
 
-@pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory):
+def run_two_processes(out: Path, worker: str, configs: dict, extra_env: dict | None = None) -> Path:
+    "Run `worker` (its argv: out, BASE, configs) as 2 torchrun processes over gloo; `out` holds what they wrote."
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun is not on the PATH")
-    out = tmp_path_factory.mktemp("dist")
     script = out / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    script.write_text(worker)
+    env = {**os.environ, **(extra_env or {}), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(script), str(out), json.dumps(BASE), json.dumps(CONFIGS)]
+           str(script), str(out), json.dumps(BASE), json.dumps(configs)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(out))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    return run_two_processes(tmp_path_factory.mktemp("dist"), WORKER, CONFIGS)
 
 
 @pytest.mark.parametrize("name", GLOBAL)
@@ -261,3 +265,120 @@ def test_trainer_with_stand_in_vllm(monkeypatch, tmp_path, shift):
     for m in ms:
         assert abs(m["sample_logp_gap"] - shift) < 1e-4                              # |log pi_old - log mu|
         assert abs(m["token_weights/mean"] - min(math.exp(shift), 2.0)) < 1e-3        # truncated at tis_cap = 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FSDP (version 2, accelerate's own `fully_shard` preparation, decoder layers as units) over 2 CPU processes.
+# accelerate switches FSDP on only for accelerator backends (MULTI_GPU, ...): with CPU processes it stays MULTI_CPU
+# and ignores the FSDP settings. The worker therefore flips the distributed type to FSDP after accelerate has set up
+# its state, so the rest (prepare, clip_grad_norm_, unwrap) is accelerate's FSDP2 code running over gloo.
+
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}
+FSDP_CONFIGS = {"grpo": dict(algo="grpo", steps=2, save_every=1), "kl_cov": dict(algo="kl_cov", loss_options={"k": 0.2})}
+
+FSDP_WORKER = textwrap.dedent('''
+    import json, shutil, sys, torch
+    import accelerate.state as state
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    _init = state.AcceleratorState.__init__
+    def _force_fsdp(self, *a, **kw):
+        _init(self, *a, **kw)
+        if self.distributed_type == DistributedType.MULTI_CPU:
+            self.fsdp_plugin = kw.get("fsdp_plugin") or FullyShardedDataParallelPlugin()
+            self.distributed_type = DistributedType.FSDP
+    state.AcceleratorState.__init__ = _force_fsdp
+
+    from torch.distributed.tensor import DTensor
+    from entropy_rl.trainer import Trainer
+    from entropy_rl.distributed import fsdp_units, world
+    out, base, configs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    odd_length = lambda text, problem: float(len(text) % 2)
+
+    def run(name, **cfg):
+        t = Trainer(dict(base, **cfg, output_dir=f"{out}/{name}"), reward_fn=odd_length)
+        r = t.train()
+        params = list(t.model.parameters())
+        local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+        full = sum(p.numel() for p in params)
+        rank, w = world()
+        if rank == 0:
+            json.dump({"world": w, "metrics": r.metrics, "units": [type(u).__name__ for u in fsdp_units(t.model)],
+                       "local_fraction": local / full}, open(f"{out}/{name}/result.json", "w"))
+
+    for name, cfg in configs.items():
+        run(name, **cfg)
+    try:
+        Trainer(dict(base, rollout_engine="vllm", output_dir=f"{out}/vllm"))
+        refused = None
+    except ValueError as e:
+        refused = str(e)
+    if world()[0] == 0:
+        json.dump({"refused": refused}, open(f"{out}/vllm_refused.json", "w"))
+    run("resume", algo="grpo", steps=1, save_every=1)            # stop after step 1 ...
+    if world()[0] == 0:
+        shutil.copytree(f"{out}/resume", f"{out}/resume_on_one")  # (a copy for one process to continue)
+    run("resume", algo="grpo", steps=2, save_every=1, resume=True)  # ... and continue to step 2
+''')
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory):
+    return run_two_processes(tmp_path_factory.mktemp("fsdp"), FSDP_WORKER, FSDP_CONFIGS, FSDP_ENV)
+
+
+def _checkpoint_weights(run_dir) -> dict:
+    from safetensors.torch import load_file
+    from entropy_rl.trainer import latest_checkpoint
+    return load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
+
+
+def _assert_same_metrics(one: list, two: list, tag: str, rel=1e-4):
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    for a, b in zip(one, two):
+        a, b = comparable(a), comparable(b)
+        assert set(a) == set(b), set(a) ^ set(b)
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=rel, abs=1e-6), (tag, a["step"], k, a[k], b[k])
+
+
+def test_fsdp_shards_the_policy(fsdp_runs):
+    "The policy really is sharded: the root plus one unit per decoder layer, each process holding half of every parameter."
+    res = json.loads((fsdp_runs / "grpo" / "result.json").read_text())
+    assert res["world"] == 2 and all(m["processes"] == 2 for m in res["metrics"])
+    assert res["units"] == ["FSDPPolicyScorer", "FSDPLlamaDecoderLayer", "FSDPLlamaDecoderLayer"], res["units"]
+    assert 0.45 < res["local_fraction"] < 0.55, res["local_fraction"]
+
+
+@pytest.mark.parametrize("name", list(FSDP_CONFIGS))
+def test_fsdp_two_processes_equal_one(fsdp_runs, tmp_path, name):
+    """Sharded training over 2 processes (generation from gathered weights, loss over both processes' rows, the
+    full checkpoint gathered to process 0) gives one process's metrics and checkpointed weights."""
+    from entropy_rl.trainer import train
+    two = json.loads((fsdp_runs / name / "result.json").read_text())["metrics"]
+    one = train(dict(BASE, **FSDP_CONFIGS[name], output_dir=str(tmp_path / name)), reward_fn=odd_length)
+    assert any(m["groups_with_signal"] > 0 for m in one.metrics)
+    _assert_same_metrics(one.metrics, two, name)
+    w1, w2 = _checkpoint_weights(tmp_path / name), _checkpoint_weights(fsdp_runs / name)
+    assert sorted(w1) == sorted(w2) and sorted(w1) == sorted(n for n, _ in one.model.named_parameters())
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_resume_continues_the_run(fsdp_runs, tmp_path):
+    """Stopped after step 1 and resumed under FSDP, the run's step 2 is the uninterrupted run's step 2; the same
+    checkpoint resumed by a single process gives it too (name-keyed checkpoints do not depend on the layout)."""
+    from entropy_rl.trainer import train
+    straight = json.loads((fsdp_runs / "grpo" / "result.json").read_text())["metrics"]
+    resumed = json.loads((fsdp_runs / "resume" / "result.json").read_text())["metrics"]
+    one = train(dict(BASE, algo="grpo", steps=2, save_every=1, resume=True, output_dir=str(fsdp_runs / "resume_on_one")),
+                reward_fn=odd_length)
+    _assert_same_metrics(straight, one.metrics, "resumed on one process")
+    _assert_same_metrics(straight, resumed, "fsdp resume", rel=1e-5)
+    for k, v in _checkpoint_weights(fsdp_runs / "grpo").items():
+        torch.testing.assert_close(dict(one.model.named_parameters())[k].detach(), v, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_refuses_vllm(fsdp_runs):
+    "vLLM needs the whole policy on each process's GPU every step: under FSDP the trainer says so instead of failing later."
+    refused = json.loads((fsdp_runs / "vllm_refused.json").read_text())["refused"]
+    assert refused is not None and "not supported with FSDP" in refused
