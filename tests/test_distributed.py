@@ -46,6 +46,11 @@ WORKER = textwrap.dedent('''
         if rank == 0:
             torch.save({k: v.detach().cpu() for k, v in r.model.state_dict().items()}, f"{out}/{name}/weights.pt")
             json.dump({"world": w, "metrics": r.metrics}, open(f"{out}/{name}/result.json", "w"))
+    resume = dict(base, algo="grpo", save_every=1, output_dir=f"{out}/ddp_resume")
+    train(dict(resume, steps=1), reward_fn=odd_length)                   # stop after step 1 ...
+    r = train(dict(resume, steps=2, resume=True), reward_fn=odd_length)  # ... and continue to step 2
+    if world()[0] == 0:
+        json.dump({"metrics": r.metrics}, open(f"{out}/ddp_resume/result.json", "w"))
 ''')
 
 
@@ -104,6 +109,14 @@ def test_two_processes_equal_one(two_process_runs, tmp_path, name):
         torch.testing.assert_close(w2[k], v.detach(), rtol=1e-4, atol=1e-6)
     init = __import__("entropy_rl.models", fromlist=["tiny_model"]).tiny_model(seed=0)[0].state_dict()
     assert any(not torch.equal(init[k], v) for k, v in w1.items())      # training changed the weights
+
+
+def test_ddp_resume_continues_the_run(two_process_runs, tmp_path):
+    "Two processes stopped after step 1 and resumed give the uninterrupted one-process run's two steps."
+    from entropy_rl.trainer import train
+    one = train(dict(BASE, algo="grpo", steps=2, output_dir=str(tmp_path / "one")), reward_fn=odd_length).metrics
+    two = json.loads((two_process_runs / "ddp_resume" / "result.json").read_text())["metrics"]
+    _assert_same_metrics(one, two, "ddp resume")
 
 
 def test_local_scope_differs_from_one_process(two_process_runs, tmp_path):

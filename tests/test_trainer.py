@@ -182,3 +182,21 @@ def test_fused_head_gives_the_unfused_loss_and_gradients():
     for n in gf:
         torch.testing.assert_close(gf[n], gu[n], rtol=1e-4, atol=1e-6, msg=n)
     assert any(g.abs().sum() > 0 for g in gf.values())
+
+
+def test_resume_reads_position_keyed_checkpoints(tmp_path):
+    """Checkpoints written before they were name-keyed (`optimizer.state_dict()`, parameters numbered) still resume:
+    rewrite step 1's checkpoint in that form, continue to step 2, and get the uninterrupted run."""
+    from entropy_rl.trainer import Trainer, save_checkpoint, latest_checkpoint
+    full = train(steps=2, output_dir=str(tmp_path / "full"), **TINY, reward_fn=odd_length).metrics
+    t = Trainer(dict(TINY, steps=1, output_dir=str(tmp_path / "run")), reward_fn=odd_length)
+    t.train()
+    old = torch.load(latest_checkpoint(t.run_dir) / "state.pt", weights_only=False)
+    assert isinstance(old["optimizer"]["param_groups"][0]["params"][0], str)          # the trainer writes names
+    save_checkpoint(t.run_dir, 1, t.unwrapped, t.optimizer, t.scheduler, t.generators, t.config)
+    state = torch.load(latest_checkpoint(t.run_dir) / "state.pt", weights_only=False)
+    assert isinstance(state["optimizer"]["param_groups"][0]["params"][0], int)        # now numbered
+    state["rng"] = old["rng"]                                                          # the RNG as it was after step 1
+    torch.save(state, latest_checkpoint(t.run_dir) / "state.pt")
+    resumed = train(steps=2, output_dir=str(tmp_path / "run"), **TINY, reward_fn=odd_length).metrics
+    assert strip_timing(resumed) == strip_timing(full)
