@@ -174,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(cfg.to_dict(), indent=2)); return 0
             res = train(cfg)
             last = res.metrics[-1] if res.metrics else {}
-            print(json.dumps({"run_dir": str(res.run_dir), "step": res.step,
-                              **{k: last.get(k) for k in ("reward_mean", "pass_rate", "entropy")}}))
+            from entropy_rl.distributed import world
+            if world()[0] == 0:        # several processes: one summary, from process 0
+                print(json.dumps({"run_dir": str(res.run_dir), "step": res.step,
+                                  **{k: last.get(k) for k in ("reward_mean", "pass_rate", "entropy")}}))
         elif args.command == "eval":
             if args.run:
                 model, tok, cfg = load_run_policy(args.run)

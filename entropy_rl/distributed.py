@@ -134,7 +134,7 @@ def global_policy_loss(name: str, logp: Tensor, old_logp: Tensor, advantages: Te
     opts = {k: g(v) for k, v in options.items()}
     return policy_loss(name, g(logp), g(old_logp), g(advantages), g(mask, False), **opts)
 
-# %% ../nbs/15_distributed.ipynb #49345999
+# %% ../nbs/15_distributed.ipynb #115cd91c
 def fsdp_units(model: torch.nn.Module) -> list:
     "The FSDP2 (`fully_shard`) units inside `model`, outermost first; [] when FSDP2 does not shard it."
     from torch.distributed.fsdp import FSDPModule

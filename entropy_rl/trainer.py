@@ -465,6 +465,14 @@ def _mean_dicts(ds: list[dict]) -> dict:
         out[k] = sum(vals) / len(vals)
     return out
 
+def _warn_if_fsdp_ignored(accelerator) -> None:
+    "accelerate drops an FSDP request on CPU processes without a word; say so, since every process then holds the whole model."
+    from accelerate.utils import DistributedType
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+        import warnings
+        warnings.warn(f"FSDP was asked for (ACCELERATE_USE_FSDP=true) but accelerate runs it only on accelerators; this run "
+                      f"is {accelerator.distributed_type.value} and every process holds the whole model", stacklevel=3)
+
 _SCORER_PREFIX = "policy."      # the policy's parameter names inside PolicyScorer's state dict
 
 def _keyed_by_name(optimizer_state: dict) -> bool:
@@ -498,6 +506,7 @@ class Trainer:
         use_cpu = c.device == "cpu" or not torch.cuda.is_available()
         mp = c.mixed_precision if c.mixed_precision != "auto" else ("no" if use_cpu else "bf16")
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=mp, gradient_accumulation_steps=c.grad_accum)
+        _warn_if_fsdp_ignored(self.accelerator)
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
         self.groups = shard_groups(c.prompts_per_step, self.rank, self.world_size)   # this process's prompts
         _set_seed(c.seed)

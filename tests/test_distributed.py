@@ -128,19 +128,39 @@ def test_local_scope_differs_from_one_process(two_process_runs, tmp_path):
     assert any(abs(a[k] - b[k]) > 1e-6 for a, b in zip(one, two) for k in ("loss", "selected_frac", "grad_norm"))
 
 
-def test_cli_module_under_torchrun(tmp_path):
-    "`torchrun -m entropy_rl.cli train ...`: two processes, one log written by process 0, metrics over both."
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun is not on the PATH")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           "-m", "entropy_rl.cli", "train", "--model", "tiny", "--steps", "1", "--output-dir", str(tmp_path / "run"),
-           "--fresh", "device=cpu", "prompts_per_step=2", "group_size=4", "max_new_tokens=4", "progress=false", "plot=false"]
+TORCHRUN = lambda port: ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+LAUNCHERS = {   # name: (command before `-m`, extra environment)
+    "torchrun": (TORCHRUN, {}),
+    # accelerate's torchrun-based launcher; `--cpu` would pick its single-process launcher instead
+    "accelerate": (lambda port: ["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                                 "--main_process_port", str(port)], {}),
+    # FSDP asked for through the environment alone: accelerate keeps CPU processes plain data parallel
+    "fsdp_env_on_cpu": (TORCHRUN, {"ACCELERATE_USE_FSDP": "true"}),
+}
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_cli_module_under_launchers(tmp_path, launcher):
+    """`torchrun -m entropy_rl.cli train ...` and `accelerate launch -m entropy_rl.cli train ...` on CPU: two processes,
+    one log and one summary line from process 0, metrics over both. FSDP asked for on CPU processes: accelerate runs
+    plain data parallel instead, and the trainer says so. (`accelerate launch --use_fsdp` on CPU stops earlier, with
+    accelerate's own error that no accelerator was found.)"""
+    launch, extra_env = LAUNCHERS[launcher]
+    if shutil.which(launch(0)[0]) is None:
+        pytest.skip(f"{launch(0)[0]} is not on the PATH")
+    env = {**os.environ, **extra_env, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    cmd = launch(free_port()) + [
+        "-m", "entropy_rl.cli", "train", "--model", "tiny", "--steps", "1", "--output-dir", str(tmp_path / "run"),
+        "--fresh", "device=cpu", "prompts_per_step=2", "group_size=4", "max_new_tokens=4", "progress=false", "plot=false"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert p.returncode == 0, p.stderr[-4000:]
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["processes"] == 2
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-000001"
+    summaries = [l for l in p.stdout.splitlines() if l.startswith('{"run_dir"')]
+    assert len(summaries) == 1, p.stdout
+    assert ("FSDP was asked for" in p.stderr) == bool(extra_env), p.stderr[-2000:]
 
 
 def test_vllm_engine_missing_gives_clear_message(tmp_path):
