@@ -307,7 +307,8 @@ def test_trainer_with_stand_in_vllm(monkeypatch, tmp_path, shift):
 # its state, so the rest (prepare, clip_grad_norm_, unwrap) is accelerate's FSDP2 code running over gloo.
 
 FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}
-FSDP_CONFIGS = {"grpo": dict(algo="grpo", steps=2, save_every=1), "kl_cov": dict(algo="kl_cov", loss_options={"k": 0.2})}
+FSDP_CONFIGS = {"grpo": dict(algo="grpo", steps=2, save_every=1), "kl_cov": dict(algo="kl_cov", loss_options={"k": 0.2}),
+                "lora": dict(algo="grpo", lora_rank=4, lr=5e-2)}
 
 FSDP_WORKER = textwrap.dedent('''
     import json, shutil, sys, torch
@@ -385,16 +386,19 @@ def test_fsdp_shards_the_policy(fsdp_runs):
 @pytest.mark.parametrize("name", list(FSDP_CONFIGS))
 def test_fsdp_two_processes_equal_one(fsdp_runs, tmp_path, name):
     """Sharded training over 2 processes (generation from gathered weights, loss over both processes' rows, the
-    full checkpoint gathered to process 0) gives one process's metrics and checkpointed weights."""
+    full checkpoint gathered to process 0) gives one process's metrics and checkpointed weights; with LoRA too
+    (frozen base weights and trainable adapters in the same FSDP units)."""
     from entropy_rl.trainer import train
     two = json.loads((fsdp_runs / name / "result.json").read_text())["metrics"]
     one = train(dict(BASE, **FSDP_CONFIGS[name], output_dir=str(tmp_path / name)), reward_fn=odd_length)
     assert any(m["groups_with_signal"] > 0 for m in one.metrics)
     _assert_same_metrics(one.metrics, two, name)
     w1, w2 = _checkpoint_weights(tmp_path / name), _checkpoint_weights(fsdp_runs / name)
-    assert sorted(w1) == sorted(w2) and sorted(w1) == sorted(n for n, _ in one.model.named_parameters())
+    assert sorted(w1) == sorted(w2) == sorted(n for n, p in one.model.named_parameters() if p.requires_grad)
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
+    if "lora_rank" in FSDP_CONFIGS[name]:     # only the adapter is saved, and training moved it
+        assert all("lora_" in k for k in w1) and any(k for k in w1 if "lora_B" in k and w1[k].abs().max() > 0)
 
 
 def test_fsdp_resume_continues_the_run(fsdp_runs, tmp_path):
