@@ -691,9 +691,23 @@ class Trainer:
             _copy_weights(weights, self.unwrapped, self.run_dir)
             self.optimizer.load_state_dict(optimizer_state)
 
+    def _latest_checkpoint_everywhere(self) -> Path | None:
+        """The run's latest checkpoint, checked to be the same on every process: process 0 writes checkpoints and
+        every process reads them, so several nodes need an output_dir they all share."""
+        ck = latest_checkpoint(self.run_dir)
+        if self.world_size > 1:
+            step = torch.tensor(-1 if ck is None else int(ck.name.split("-")[-1]), device=self.accelerator.device)
+            lo, hi = int(all_reduce(step, "min")), int(all_reduce(step, "max"))
+            if lo != hi:
+                seen = lambda s: "no checkpoint" if s < 0 else f"step {s}"
+                raise ValueError(f"the processes see different checkpoints in {self.run_dir} ({seen(lo)} to {seen(hi)}; "
+                                 f"process {self.rank}: {seen(int(step))}): on several nodes output_dir must be a "
+                                 "directory they all share, since process 0 writes checkpoints and every process reads them")
+        return ck
+
     def resume(self) -> int:
         "Load the latest checkpoint in the run directory if there is one; drop metrics after it."
-        ck = latest_checkpoint(self.run_dir)
+        ck = self._latest_checkpoint_everywhere()
         self.step = 0 if ck is None else load_checkpoint(ck, self.unwrapped, self.optimizer, self.scheduler,
                                                          self.generators, self.config, restore=self._restore)
         self.accelerator.wait_for_everyone()

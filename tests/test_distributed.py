@@ -163,6 +163,51 @@ def test_cli_module_under_launchers(tmp_path, launcher):
     assert ("FSDP was asked for" in p.stderr) == bool(extra_env), p.stderr[-2000:]
 
 
+def _two_nodes(cwds: list, steps: int, timeout: int = 300) -> list:
+    """The several-nodes command of chapter 15, as two 'machines' of one process each on this machine (each
+    `accelerate launch` in its own working directory, output_dir relative to it). Returns the two CompletedProcess."""
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate is not on the PATH")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    port = free_port()
+    procs = []
+    for rank, cwd in enumerate(cwds):
+        Path(cwd).mkdir(parents=True, exist_ok=True)
+        cmd = ["accelerate", "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+               "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               "-m", "entropy_rl.cli", "train", "--model", "tiny", "--steps", str(steps), "--output-dir", "run",
+               "device=cpu", "prompts_per_step=2", "group_size=4", "max_new_tokens=4", "progress=false", "plot=false",
+               "save_every=1"]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return done
+
+
+def test_two_nodes_share_a_run(tmp_path):
+    """Two single-process 'nodes' with one shared output_dir: one log with both processes' metrics; a second launch
+    resumes from process 0's checkpoint on both nodes and continues to step 2."""
+    shared = tmp_path / "shared"
+    for steps in (1, 2):
+        for p in _two_nodes([shared, shared], steps):
+            assert p.returncode == 0, p.stderr[-3000:]
+    records = [json.loads(l) for l in (shared / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["processes"] == 2 for r in records)
+
+
+def test_nodes_without_a_shared_output_dir_are_told(tmp_path):
+    """Node 0 sees a checkpoint, node 1 (another directory, as on a machine without a shared filesystem) does not:
+    both stop with a message naming the cause instead of training from different states."""
+    for p in _two_nodes([tmp_path / "a", tmp_path / "a"], 1):
+        assert p.returncode == 0, p.stderr[-3000:]
+    results = _two_nodes([tmp_path / "a", tmp_path / "b"], 2)
+    for p in results:
+        assert p.returncode != 0 and "must be a directory they all share" in p.stderr, p.stderr[-3000:]
+    assert len((tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()) == 1     # nothing trained
+
+
 def test_vllm_engine_missing_gives_clear_message(tmp_path):
     import importlib.util
     if importlib.util.find_spec("vllm") is not None:
