@@ -13,7 +13,7 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['SCOPES', 'world', 'shard_groups', 'all_reduce', 'gather_rows', 'mean_across', 'global_policy_loss', 'fsdp_units',
-           'is_sharded', 'gathered_params', 'full_state', 'load_full_state']
+           'is_fsdp1', 'is_sharded', 'gathered_params', 'full_state', 'load_full_state']
 
 # %% ../nbs/15_distributed.ipynb #5178d60a
 SCOPES: tuple[str, ...] = ("global", "local")
@@ -140,13 +140,14 @@ def fsdp_units(model: torch.nn.Module) -> list:
     from torch.distributed.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
-def _is_fsdp1(model: torch.nn.Module) -> bool:
+def is_fsdp1(model: torch.nn.Module) -> bool:
+    "Whether FSDP version 1 (`FullyShardedDataParallel`) wraps `model` or part of it."
     from torch.distributed.fsdp import FullyShardedDataParallel
     return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 def is_sharded(model: torch.nn.Module) -> bool:
     "Whether FSDP (version 1 or 2) shards `model`'s parameters across processes."
-    return bool(fsdp_units(model)) or _is_fsdp1(model)
+    return bool(fsdp_units(model)) or is_fsdp1(model)
 
 def _reshard_setting(unit):
     # FSDP2 keeps "reshard after forward" per parameter group as its post-forward mesh (None: keep unsharded);
@@ -164,70 +165,80 @@ def _restore_reshard_setting(unit, saved) -> None:
 
 @contextmanager
 def gathered_params(model: torch.nn.Module):
-    """Every parameter of `model` whole on every process inside the block, with no collective inside it (so the
-    processes may run different numbers of forwards, as generation does). FSDP2: unshard each unit and keep it
-    unsharded through forwards; FSDP1: `summon_full_params`; otherwise nothing to do. Writes are not kept.
-    Entering and leaving are collective under FSDP: every process must enter."""
+    """Every parameter of an FSDP2-sharded `model` whole on every process inside the block, with no collective inside
+    it (so the processes may run different numbers of forwards, as generation does): each unit is unsharded and kept
+    unsharded through forwards. Not sharded: nothing to do. Writes are not kept. Entering and leaving are collective
+    under FSDP (every process must enter); a block inside another one changes nothing. FSDP1 is refused."""
+    if is_fsdp1(model):
+        raise NotImplementedError("gathered_params supports FSDP version 2 (fully_shard); set fsdp_version: 2 in the "
+                                  "accelerate config")
     units = fsdp_units(model)
-    if units:
-        # FSDP2 makes the first unit to run forward its root; generation calls the inner layers first, so settle
-        # the root (the outermost unit) now, as its own first forward would
-        units[0]._get_fsdp_state()._lazy_init()
-        saved = [_reshard_setting(u) for u in units]
-        try:
-            for u in units:
-                u.set_reshard_after_forward(False, recurse=False)
-                u.unshard()
-            yield model
-        finally:
-            for u, s in zip(units, saved):
-                _restore_reshard_setting(u, s)
-                u.reshard()
-    elif _is_fsdp1(model):
-        from torch.distributed.fsdp import FullyShardedDataParallel
-        with FullyShardedDataParallel.summon_full_params(model, writeback=False):
-            yield model
-    else:
+    if not units or getattr(units[0], "_entropy_rl_gathered", False):
         yield model
+        return
+    # FSDP2 makes the first unit to run forward its root; generation calls the inner layers first, so settle the
+    # root (the outermost unit) now, as its own first forward would
+    units[0]._get_fsdp_state()._lazy_init()
+    saved = [_reshard_setting(u) for u in units]
+    units[0]._entropy_rl_gathered = True
+    try:
+        for u in units:
+            u.set_reshard_after_forward(False, recurse=False)
+            u.unshard()
+        yield model
+    finally:
+        for u, s in zip(units, saved):
+            _restore_reshard_setting(u, s)
+            u.reshard()
+        units[0]._entropy_rl_gathered = False
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Collective: the full model and optimizer state dicts, keyed by parameter name whatever the layout, on CPU.
-    Under several processes only process 0 receives them (the others get empty dicts)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
-                    optimizer_state: dict) -> None:
-    """Collective inverse of `full_state`: every process passes the same full dicts and keeps its own shard.
-    Entries `model_state` leaves out (frozen base weights under LoRA, say) keep their current values."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, set_model_state_dict,
-                                                         set_state_dict)
-    options = StateDictOptions(full_state_dict=True)
-    current = get_model_state_dict(model, options=options)       # collective: the whole model on every process
-    unknown = sorted(set(model_state) - set(current))
-    if unknown:
-        raise ValueError(f"model_state names entries the model does not have: {unknown[:3]}")
-    given = dict(model_state)
-    for names in _tied_names(model, current):    # tied weights: the state dict holds one entry per name, and a stale
-        known = [n for n in names if n in given]  # copy under one name would overwrite the new value under the other
-        for n in names:
-            if known:
-                given.setdefault(n, given[known[0]])
-    if optimizer_state.get("state"):
-        set_state_dict(model, optimizer, model_state_dict={**current, **given}, optim_state_dict=optimizer_state,
-                       options=options)
-    else:   # nothing accumulated yet (no step taken; plain SGD): torch's loader refuses an empty state
-        set_model_state_dict(model, {**current, **given}, options=options)
-        for group, saved in zip(optimizer.param_groups, optimizer_state.get("param_groups", [])):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-
-_WRAPPER_NAMES = {"module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"}   # DDP, FSDP1, compile
+def _state_name(name: str) -> str:
+    "A parameter's name without wrapper parts (DDP's leading `module.`, compile's `_orig_mod.`, FSDP1's and checkpointing's wrappers)."
+    while name.startswith(("module.", "_orig_mod.")):
+        name = name.split(".", 1)[1]
+    return ".".join(p for p in name.split(".") if p not in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module"))
 
 def _tied_names(model: torch.nn.Module, keys) -> list[list[str]]:
     "Groups of state-dict names (among `keys`) that are one parameter: tied embeddings, say."
     groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        key = ".".join(part for part in name.split(".") if part not in _WRAPPER_NAMES)
-        if key in keys:
+        if (key := _state_name(name)) in keys:
             groups.setdefault(id(p), []).append(key)
     return [g for g in groups.values() if len(g) > 1]
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, frozen: bool = True) -> tuple[dict, dict]:
+    """The model and optimizer state dicts keyed by parameter name, whatever the layout; `frozen=False` leaves
+    frozen parameters out (LoRA: the base weights). Sharded: collective, gathered whole to CPU on process 0 (the
+    others get empty dicts). Not sharded: the live tensors, no copy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    sharded = is_sharded(model)
+    options = StateDictOptions(full_state_dict=sharded, cpu_offload=sharded, ignore_frozen_params=not frozen)
+    if not optimizer.state:    # no step taken yet: torch would take a zero step to fill the state; name the groups
+        names = {id(p): _state_name(n) for n, p in model.named_parameters()}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+                  for g in optimizer.param_groups]
+        return get_model_state_dict(model, options=options), {"state": {}, "param_groups": groups}
+    return get_state_dict(model, optimizer, options=options)
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                    optimizer_state: dict) -> None:
+    """Inverse of `full_state` (collective when sharded): every process passes the same full dicts and keeps its own
+    shard. Entries `model_state` leaves out (frozen base weights under LoRA, say) keep their current values."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+    keys = {_state_name(k) for k in model.state_dict()}
+    unknown = sorted(set(model_state) - keys)
+    if unknown:
+        raise ValueError(f"model_state names entries the model does not have: {unknown[:3]}")
+    given = dict(model_state)
+    for names in _tied_names(model, keys):        # tied weights: one parameter under several names; a name left out
+        known = [n for n in names if n in given]  # would otherwise be filled with its stale value, undoing the new one
+        for n in names:
+            if known:
+                given.setdefault(n, given[known[0]])
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    if optimizer_state.get("state"):
+        set_state_dict(model, optimizer, model_state_dict=given, optim_state_dict=optimizer_state, options=options)
+    else:   # nothing accumulated yet (no step taken; plain SGD): torch's loader refuses an empty state
+        set_model_state_dict(model, given, options=options)
+        for group, saved in zip(optimizer.param_groups, optimizer_state.get("param_groups", [])):
+            group.update({k: v for k, v in saved.items() if k != "params"})

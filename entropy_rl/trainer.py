@@ -26,7 +26,7 @@ from .advantages import group_advantages
 from .covariance import token_covariance
 from .entropy import entropy_from_logits, logprobs_from_logits
 from .distributed import (SCOPES, all_reduce, full_state, gather_rows, gathered_params, global_policy_loss,
-                                    is_sharded, load_full_state, mean_across, shard_groups)
+                                    is_fsdp1, is_sharded, load_full_state, mean_across, shard_groups)
 from .losses import list_losses, loss_options, policy_loss
 
 # %% auto #0
@@ -477,8 +477,8 @@ _SCORER_PREFIX = "policy."      # the policy's parameter names inside PolicyScor
 
 def _keyed_by_name(optimizer_state: dict) -> bool:
     "Whether an optimizer state dict names its parameters (torch.distributed.checkpoint's form) rather than numbering them."
-    groups = optimizer_state.get("param_groups", [])
-    return bool(groups) and all(isinstance(p, str) for g in groups for p in g["params"])
+    params = [p for g in optimizer_state.get("param_groups", []) for p in g["params"]]
+    return bool(params) and all(isinstance(p, str) for p in params)
 
 @dataclass
 class TrainResult:
@@ -522,6 +522,9 @@ class Trainer:
         # the scheduler stays outside accelerate.prepare: its wrapper steps W times per call in W processes
         self.scheduler = _scheduler(optimizer, c, total)
         self.model, self.optimizer = self.accelerator.prepare(PolicyScorer(model, c.temperature, c.fused), optimizer)
+        if is_fsdp1(self.model):
+            raise ValueError("FSDP version 1 is not supported (generation and checkpoints need FSDP2's per-unit "
+                             "control): set fsdp_version: 2 in the accelerate config")
         if c.rollout_engine == "vllm" and is_sharded(self.model):
             raise ValueError("rollout_engine='vllm' is not supported with FSDP (the engine needs the whole policy's "
                              "weights on each process's GPU every step); use DDP or rollout_engine='transformers'")
@@ -663,9 +666,9 @@ class Trainer:
         return {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
 
     def save(self, step: int) -> Path | None:
-        """Every process gathers the full model and optimizer state, keyed by parameter name (`full_state`; under
-        FSDP this is a collective); process 0 writes the checkpoint; every process waits for it."""
-        model_state, optimizer_state = full_state(self.model, self.optimizer.optimizer)
+        """The trainable weights and the optimizer state, keyed by parameter name (`full_state`; gathered to process 0
+        under FSDP, a collective); process 0 writes the checkpoint; every process waits for it."""
+        model_state, optimizer_state = full_state(self.model, self.optimizer.optimizer, frozen=False)
         out = None
         if self.is_main:
             weights = {n: model_state[_SCORER_PREFIX + n] for n in self._trainable()}

@@ -383,6 +383,7 @@ FSDP_WORKER = textwrap.dedent('''
         if rank == 0:
             json.dump({"world": w, "metrics": r.metrics, "units": [type(u).__name__ for u in fsdp_units(t.model)],
                        "local_fraction": local / full}, open(f"{out}/{name}/result.json", "w"))
+        return t
 
     for name, cfg in configs.items():
         run(name, **cfg)
@@ -396,7 +397,27 @@ FSDP_WORKER = textwrap.dedent('''
     run("resume", algo="grpo", steps=1, save_every=1)            # stop after step 1 ...
     if world()[0] == 0:
         shutil.copytree(f"{out}/resume", f"{out}/resume_on_one")  # (a copy for one process to continue)
-    run("resume", algo="grpo", steps=2, save_every=1, resume=True)  # ... and continue to step 2
+    t = run("resume", algo="grpo", steps=2, save_every=1, resume=True)  # ... and continue to step 2
+
+    # gathered_params: no collective inside (the processes run different numbers of forwards, as generation does),
+    # a nested block changes nothing, and leaving restores the sharding and each unit's reshard setting
+    from entropy_rl.distributed import gathered_params, _reshard_setting
+    rank = world()[0]
+    before = [_reshard_setting(u) for u in fsdp_units(t.model)]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with gathered_params(t.model):
+        with gathered_params(t.model):
+            pass
+        whole = not any(isinstance(p, DTensor) for p in t.unwrapped.parameters())
+        for _ in range(1 + 3 * rank):
+            t.unwrapped(ids)
+    after = [_reshard_setting(u) for u in fsdp_units(t.model)]
+    logp, H = t.model(ids, torch.ones_like(ids), torch.ones(1, 2, dtype=torch.bool))   # training forward still works
+    logp.sum().backward()
+    if rank == 0:
+        json.dump({"whole_inside": whole, "settings_restored": before == after,
+                   "sharded_after": all(isinstance(p, DTensor) for p in t.model.parameters()),
+                   "finite": bool(torch.isfinite(logp).all())}, open(f"{out}/gathered.json", "w"))
 ''')
 
 
@@ -458,6 +479,14 @@ def test_fsdp_resume_continues_the_run(fsdp_runs, tmp_path):
     _assert_same_metrics(straight, resumed, "fsdp resume", rel=1e-5)
     for k, v in _checkpoint_weights(fsdp_runs / "grpo").items():
         torch.testing.assert_close(dict(one.model.named_parameters())[k].detach(), v, rtol=1e-4, atol=1e-6)
+
+
+def test_gathered_params_under_fsdp(fsdp_runs):
+    """Inside the block every parameter is whole and the processes ran 1 and 4 forwards without hanging (no collective
+    inside); a nested block was harmless; after it, every parameter is a shard again, each unit's reshard setting is
+    the one it had, and a training forward and backward run."""
+    g = json.loads((fsdp_runs / "gathered.json").read_text())
+    assert g == {"whole_inside": True, "settings_restored": True, "sharded_after": True, "finite": True}, g
 
 
 def test_fsdp_refuses_vllm(fsdp_runs):
