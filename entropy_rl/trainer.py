@@ -368,11 +368,14 @@ def load_weights(path: str | Path, model) -> None:
     from safetensors.torch import load_file
     _copy_weights(load_file(str(Path(path) / "model.safetensors")), model, path)
 
+def _check_names(weights: dict, params: dict, path) -> None:
+    unknown = [n for n in weights if n not in params]
+    if unknown:
+        raise ValueError(f"checkpoint {path} does not match the model: unknown parameters {unknown[:3]}")
+
 def _copy_weights(weights: dict, model, path) -> None:
     params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise ValueError(f"checkpoint {path} does not match the model: unknown parameters {missing[:3]}")
+    _check_names(weights, params, path)
     with torch.no_grad():
         for n, w in weights.items():
             params[n].copy_(w.to(params[n].device, params[n].dtype))
@@ -682,9 +685,7 @@ class Trainer:
         "A checkpoint's weights and optimizer state into the (possibly sharded) policy; collective under FSDP."
         if _keyed_by_name(optimizer_state):
             params = self._trainable()
-            unknown = [n for n in weights if n not in params]
-            if unknown:
-                raise ValueError(f"checkpoint does not match the model: unknown parameters {unknown[:3]}")
+            _check_names(weights, params, self.run_dir)
             load_full_state(self.model, self.optimizer.optimizer,
                             {_SCORER_PREFIX + n: w.to(params[n].dtype) for n, w in weights.items()}, optimizer_state)
         elif is_sharded(self.model):

@@ -68,14 +68,28 @@ def comparable(m: dict) -> dict:
     return {k: v for k, v in m.items() if "time" not in k and "per_s" not in k and k != "processes"}
 
 
+def _assert_same_metrics(one: list, two: list, tag: str, rel=1e-4):
+    assert [m["step"] for m in one] == [m["step"] for m in two]
+    for a, b in zip(one, two):
+        a, b = comparable(a), comparable(b)
+        assert set(a) == set(b), set(a) ^ set(b)
+        for k in a:
+            assert b[k] == pytest.approx(a[k], rel=rel, abs=1e-6), (tag, a["step"], k, a[k], b[k])
+
+
+def subprocess_env(extra: dict | None = None) -> dict:
+    "The environment for a launched process: this checkout importable, one thread per process."
+    return {**os.environ, **(extra or {}), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def run_two_processes(out: Path, worker: str, configs: dict, extra_env: dict | None = None) -> Path:
     "Run `worker` (its argv: out, BASE, configs) as 2 torchrun processes over gloo; `out` holds what they wrote."
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun is not on the PATH")
     script = out / "worker.py"
     script.write_text(worker)
-    env = {**os.environ, **(extra_env or {}), "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = subprocess_env(extra_env)
     cmd = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(script), str(out), json.dumps(BASE), json.dumps(configs)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(out))
@@ -97,11 +111,7 @@ def test_two_processes_equal_one(two_process_runs, tmp_path, name):
     two = res["metrics"]
     assert [m["step"] for m in two] == [1] and two[0]["processes"] == 2
     assert any(m["groups_with_signal"] > 0 for m in one.metrics)        # the updates had something to do
-    for a, b in zip(one.metrics, two):
-        a, b = comparable(a), comparable(b)
-        assert set(a) == set(b), set(a) ^ set(b)
-        for k in a:
-            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (name, a["step"], k, a[k], b[k])
+    _assert_same_metrics(one.metrics, two, name)
     w2 = torch.load(two_process_runs / name / "weights.pt")
     w1 = one.model.state_dict()
     moved = False
@@ -148,8 +158,7 @@ def test_cli_module_under_launchers(tmp_path, launcher):
     launch, extra_env = LAUNCHERS[launcher]
     if shutil.which(launch(0)[0]) is None:
         pytest.skip(f"{launch(0)[0]} is not on the PATH")
-    env = {**os.environ, **extra_env, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(extra_env)
     cmd = launch(free_port()) + [
         "-m", "entropy_rl.cli", "train", "--model", "tiny", "--steps", "1", "--output-dir", str(tmp_path / "run"),
         "--fresh", "device=cpu", "prompts_per_step=2", "group_size=4", "max_new_tokens=4", "progress=false", "plot=false"]
@@ -168,7 +177,7 @@ def _two_nodes(cwds: list, steps: int, timeout: int = 300) -> list:
     `accelerate launch` in its own working directory, output_dir relative to it). Returns the two CompletedProcess."""
     if shutil.which("accelerate") is None:
         pytest.skip("accelerate is not on the PATH")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env()
     port = free_port()
     procs = []
     for rank, cwd in enumerate(cwds):
@@ -430,15 +439,6 @@ def _checkpoint_weights(run_dir) -> dict:
     from safetensors.torch import load_file
     from entropy_rl.trainer import latest_checkpoint
     return load_file(str(latest_checkpoint(run_dir) / "model.safetensors"))
-
-
-def _assert_same_metrics(one: list, two: list, tag: str, rel=1e-4):
-    assert [m["step"] for m in one] == [m["step"] for m in two]
-    for a, b in zip(one, two):
-        a, b = comparable(a), comparable(b)
-        assert set(a) == set(b), set(a) ^ set(b)
-        for k in a:
-            assert b[k] == pytest.approx(a[k], rel=rel, abs=1e-6), (tag, a["step"], k, a[k], b[k])
 
 
 def test_fsdp_shards_the_policy(fsdp_runs):
