@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 # %% auto #0
-__all__ = ['Entry', 'Registry']
+__all__ = ['MECHANISM_MODULES', 'QUANTITIES', 'Entry', 'Registry', 'load_mechanisms']
 
 # %% ../nbs/04a_registry.ipynb #741f0725
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class Registry:
             self._loaded = True
             for m in self.modules:
                 importlib.import_module(m)
+            load_mechanisms()
 
     def names(self) -> list[str]:
         "Registered names, in registration order."
@@ -103,3 +104,12 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({self.stage!r}, {self.names()})"
+
+# %% ../nbs/04a_registry.ipynb #86790de0
+MECHANISM_MODULES: tuple = ()   # chapters' modules that register stage entries (imported on first use)
+QUANTITIES = Registry("per-token quantity")
+
+def load_mechanisms() -> None:
+    "Import every module of MECHANISM_MODULES once (their registrations run on import)."
+    for m in MECHANISM_MODULES:
+        importlib.import_module(m)
