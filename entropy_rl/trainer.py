@@ -36,9 +36,9 @@ from .rollout import SAMPLERS
 # %% auto #0
 __all__ = ['RESUMABLE_CHANGES', 'PLOT_KEYS', 'TrainConfig', 'merge_config', 'list_recipes', 'load_recipe', 'recipe_description',
            'policy_logprobs_and_entropy', 'PolicyScorer', 'build_model', 'build_task', 'rollout_metrics', 'StepBatch',
-           'reduce_update_metrics', 'StepPipeline', 'save_checkpoint', 'latest_checkpoint', 'load_weights',
-           'load_checkpoint', 'read_metrics', 'plot_metrics', 'tis_weights', 'TrainResult', 'Trainer', 'train',
-           'pass_at_k', 'evaluate']
+           'reduce_update_metrics', 'StepPipeline', 'plot_pipeline', 'save_checkpoint', 'latest_checkpoint',
+           'load_weights', 'load_checkpoint', 'read_metrics', 'plot_metrics', 'tis_weights', 'TrainResult', 'Trainer',
+           'train', 'pass_at_k', 'evaluate']
 
 # %% ../nbs/11_trainer.ipynb #5202210d
 _CHOICES = {
@@ -246,10 +246,10 @@ def _settable(resolved: dict, given: dict) -> dict:
             if k not in INPUT_OPTIONS and k not in ("regularizers", "kl_coef") and (v is not None or k in given)}
 
 def merge_config(base: dict, top: dict) -> dict:
-    "`top` over `base`; dict fields are merged key by key (a recipe's loss_options under the user's)."
+    "`top` over `base`; dicts are merged key by key, recursively (a recipe's loss_options under the user's)."
     out = dict(base)
     for k, v in top.items():
-        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 def list_recipes() -> list[str]:
@@ -587,10 +587,9 @@ class StepPipeline:
                     break
             self.engine.release()
         n = min(kept, target)
+        sampling = self._sampling_metrics(parts, shaping, r + 1, drawn, kept)
         if self.world_size > 1:       # every process trains on the same number of groups (gathered rows must match)
             n = int(all_reduce(torch.tensor(n, device=acc.device), "min"))
-        sampling = {"sampling/rounds": r + 1, "sampling/groups_drawn": drawn, "sampling/groups_dropped": drawn - kept,
-                    **_mean_dicts(shaping)}
         if c.dynamic_sampling and n < target:
             sampling["sampling/bound_hit"] = 1
             import warnings
@@ -608,6 +607,20 @@ class StepPipeline:
                           scores=t["scores"].to(dev), rewards=t["rewards"].to(dev), group_size=c.group_size,
                           max_new_tokens=c.max_new_tokens, texts=t["texts"])
         return batch.validate(), sampling
+
+    def _sampling_metrics(self, parts: list, shaping: list, rounds: int, drawn: int, kept: int) -> dict:
+        "Counts of the rollout rounds, and the drawn rows' reward and shaping means, over all processes."
+        rows = [len(p[3]) for p in parts]
+        keys = sorted({k for m in shaping for k in m})
+        sums = torch.tensor([float(rounds), drawn, kept, float(sum(rows)), sum(float(p[3].double().sum()) for p in parts)]
+                            + [sum(m.get(k, 0.0) * n for m, n in zip(shaping, rows)) for k in keys], dtype=torch.float64)
+        if self.world_size > 1:
+            dev = self.accelerator.device
+            rounds = int(all_reduce(torch.tensor(rounds, device=dev), "max"))
+            sums = all_reduce(sums.to(dev)).cpu()
+        out = {"sampling/rounds": rounds, "sampling/groups_drawn": int(sums[1]), "sampling/groups_dropped": int(sums[1] - sums[2]),
+               "sampling/reward_mean_drawn": float(sums[4] / sums[3])}
+        return {**out, **{k: float(v / sums[3]) for k, v in zip(keys, sums[5:])}}
 
     # ---- score: the old policy, and what the stages declared ---------------------------------------------------
     def _minibatch_orders(self, B: int) -> list:
@@ -767,6 +780,42 @@ def _cap_groups(parts: list, n: int) -> list:
         left -= int(k.sum())
         out.append((rb, problems, scores, rewards, k))
     return [p for p in out if p[4].any()]
+
+# %% ../nbs/11_trainer.ipynb #086904e9
+def _stage_rows(config: TrainConfig) -> list:
+    "(stage label, config key, registry, names switched on) per stage, in the order a step runs them."
+    from entropy_rl.losses import LOSSES
+    regs = {**config.regularizers, **({"kl": {}} if config.kl_coef else {}),
+            **({"entropy": {}} if config.loss_options.get("entropy_coef") else {})}
+    return [("sampler", "sampler", SAMPLERS, {config.sampler}),
+            ("reward shapers", "reward_shaping", REWARD_SHAPERS, set(config.reward_shaping)),
+            ("group filter", "group_filter", GROUP_FILTERS, {config.group_filter} - {None}),
+            ("advantages", "advantage", ADVANTAGES, {config.advantage}),
+            ("loss", "algo", LOSSES, {config.algo}),
+            ("regularizers", "regularizers", REGULARIZERS, set(regs))]
+
+def plot_pipeline(config: TrainConfig | dict | None = None):
+    "The step's stages left to right, each with its registered entries; the config's choices highlighted."
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+    config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
+    rows = _stage_rows(config)
+    n_max = max(len(r[2].names()) for r in rows)
+    fig, ax = plt.subplots(figsize=(2.2 * len(rows), 1.2 + 0.32 * n_max))
+    for x, (label, key, reg, on) in enumerate(rows):
+        ax.add_patch(FancyBboxPatch((x + 0.05, n_max + 0.2), 0.9, 0.7, boxstyle="round,pad=0.02", fc="#dde7f3", ec="#456"))
+        ax.text(x + 0.5, n_max + 0.62, label, ha="center", va="center", fontsize=10, weight="bold")
+        ax.text(x + 0.5, n_max + 0.35, key, ha="center", va="center", fontsize=7, family="monospace", color="#345")
+        if x < len(rows) - 1:
+            ax.annotate("", (x + 1.05, n_max + 0.55), (x + 0.95, n_max + 0.55), arrowprops=dict(arrowstyle="->", lw=1.5))
+        for j, name in enumerate(reg.names()):
+            ax.text(x + 0.5, n_max - 0.35 - j * 0.9, name, ha="center", va="center", fontsize=8, family="monospace",
+                    color="white" if name in on else "#333",
+                    bbox=dict(boxstyle="round,pad=0.25", fc="#c0392b" if name in on else "#f4f4f4", ec="none"))
+    ax.set_xlim(0, len(rows)); ax.set_ylim(-0.9 * (n_max - 1) + n_max - 1.0, n_max + 1.0); ax.axis("off")
+    ax.set_title(f"one step: recipe={config.recipe}" if config.recipe else "one step", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/11_trainer.ipynb #ef8e4f38
 def _set_seed(seed: int) -> None:
@@ -1108,7 +1157,7 @@ class Trainer(StepPipeline):
                 if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
                     self.save(self.step)
                 bar.update(1)
-                bar.set_postfix(reward=f"{m['reward_mean']:.2f}", H=f"{m['entropy']:.2f}")
+                bar.set_postfix(reward=f"{m.get('reward_mean', math.nan):.2f}", H=f"{m.get('entropy', math.nan):.2f}")
         finally:
             if log is not None:
                 log.close()
