@@ -713,6 +713,7 @@ def head_values(st: dict) -> dict:
     attn = torch.cat([b.prompt_mask.long(), b.response_mask.long()], 1).to(dev)
     mask = b.response_mask.bool().to(dev)
     T, W = mask.shape[1], model.get_output_embeddings().weight
+    W64 = W.detach().double()
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else torch.autocast("cpu", enabled=False)
     err = {"fused": [0.0, 0.0], "unfused": [0.0, 0.0]}
     with torch.no_grad(), amp:
@@ -720,7 +721,7 @@ def head_values(st: dict) -> dict:
             sl = slice(i, i + st["cfg"]["score_rows"])
             hid = _response_hidden(model, ids[sl], attn[sl], T)
             labels = ids[sl, -T:].masked_fill(~mask[sl], -100).reshape(-1)
-            ref = naive_logprob_entropy(hid.reshape(-1, hid.shape[-1]).double(), W.double(), labels)
+            ref = naive_logprob_entropy(hid.reshape(-1, hid.shape[-1]).double(), W64, labels)
             for key, fused in (("fused", True), ("unfused", False)):
                 lp, H = policy_logprobs_and_entropy(model, ids[sl], attn[sl], mask[sl], 1.0, fused)
                 err[key][0] = max(err[key][0], (lp.reshape(-1).double() - ref[0]).abs().max().item())
@@ -1024,7 +1025,7 @@ def run_section(name: str, out: Path, mode: str, budget: float, part_path: str) 
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         proc.wait()
-        status = f"killed at its {budget:.0f} s budget"
+        status = f"killed at its {budget:g} s budget"
     sec = {"items": [], "errors": [], "notes": [], "info": {}}
     if os.path.exists(part_path):
         with open(part_path) as f:
@@ -1046,7 +1047,7 @@ def drive(out: Path, mode: str, only: list, budgets: dict) -> int:
         left = TOTAL_S[mode] - (time.perf_counter() - t0) - 5
         budget = min(budgets[name], left)
         print(f"\n## {name} (budget {budget:.0f} s)", flush=True)
-        if budget < 5:
+        if left < 5:
             res["sections"][name] = {"status": "skipped: no time left", "items": [], "errors": [], "notes": [],
                                      "info": {}, "wall_s": 0.0}
         else:
