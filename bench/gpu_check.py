@@ -498,19 +498,13 @@ def head_pair(head):
 
 
 def matmul_pair():
-    "The matmul limit: z = h W^T forward; forward+backward adds dh = dz W and dW = dz^T h (z standing in for dz)."
-    import torch
-
-    def fwd(h, w, y):
-        with torch.no_grad():
-            return h @ w.T
-
-    def fwd_bwd(h, w, y):
-        with torch.no_grad():
-            z = h @ w.T
-            z @ w
-            z.T @ h
-    return fwd, fwd_bwd
+    """The matmul limit as bench/kernels.py defines it (z = h W^T; forward+backward adds dh = dz W and dW = dz^T h),
+    so that both benchmarks compare against the same work."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
+    bench_kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_kernels)
+    return bench_kernels.make_impls("cpu")["matmul"]   # "cpu": builds no Triton or Liger closures; works on any device
 
 
 def timed(fn, dev: str, item_s: float, peak: bool = False):
@@ -598,7 +592,8 @@ ARCHS = {   # sizes of the published configs; random weights, no download
 
 
 def random_model(arch: str, dev: str, seed: int = 0):
-    "A randomly initialised bf16 causal LM of a real architecture, and a tokenizer covering its whole vocabulary."
+    """A randomly initialised bf16 causal LM of a real architecture, a tokenizer covering its whole vocabulary, and
+    the device its weights were initialised on."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
     from entropy_rl.models import tiny_tokenizer
@@ -610,10 +605,11 @@ def random_model(arch: str, dev: str, seed: int = 0):
     torch.manual_seed(seed)
     with torch.device(dev):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    model.eval()
+    built_on = str(next(model.parameters()).device)
+    model = model.to(dev).eval()
     gc_ = model.generation_config
     gc_.pad_token_id, gc_.eos_token_id, gc_.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
-    return model, tok
+    return model, tok, built_on
 
 
 def crc_reward(text: str, problem) -> float:
@@ -739,11 +735,11 @@ def section_train(part: Part, cfg: dict, dev: str) -> None:
 
     def build():
         t = time.perf_counter()
-        st["model"], st["tok"] = random_model(cfg["arch"], dev)
+        st["model"], st["tok"], built_on = random_model(cfg["arch"], dev)
         st["init"] = {n: p.detach().clone() for n, p in st["model"].named_parameters()}
         n_params = sum(p.numel() for p in st["model"].parameters())
         return {"arch": cfg["arch"], "params_b": n_params / 1e9, "vocab": ARCHS[cfg["arch"]][1]["vocab_size"],
-                "dtype": "bfloat16", "build_s": time.perf_counter() - t, "ok": True}
+                "dtype": "bfloat16", "initialised_on": built_on, "build_s": time.perf_counter() - t, "ok": True}
 
     def update(fused, key, against=None):
         def run():

@@ -23,7 +23,7 @@ else
   limit=475
   if ls "$root"/.whl/*.whl >/dev/null 2>&1; then
     site=$(mktemp -d /tmp/gpu_check_site.XXXXXX)
-    if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$root"/.whl/*.whl; then
+    if PIP_ROOT_USER_ACTION=ignore "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$root"/.whl/*.whl; then
       export PYTHONPATH="$PYTHONPATH:$site"
     else
       echo "# the wheels in .whl/ did not install: Liger will be skipped"
