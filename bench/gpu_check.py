@@ -963,6 +963,8 @@ def summary_text(res: dict) -> str:
         problems += [f"{name}: {i['name']}: {i.get('error', 'check failed').splitlines()[0][:200]}"
                      for i in sec.get("items", []) if i.get("ok") is False]
         problems += [f"{name}: note: {n}" for n in sec.get("notes", [])]
+    if res.get("interrupted"):
+        problems.insert(0, res["interrupted"])
     lines.append("problems and notes: " + ("none" if not problems else ""))
     lines += ["  - " + p for p in problems]
     lines.append(f"outputs: {res.get('out', '?')}/results.json, summary.md, speed.png, log.txt")
@@ -1022,6 +1024,10 @@ def run_section(name: str, out: Path, mode: str, budget: float, part_path: str) 
         os.killpg(proc.pid, 9)
         proc.wait()
         status = f"killed at its {budget:g} s budget"
+    except KeyboardInterrupt:   # gpu_check.sh's outer limit: stop this section too; the driver summarizes
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        status = "stopped from outside"
     sec = {"items": [], "errors": [], "notes": [], "info": {}}
     if os.path.exists(part_path):
         with open(part_path) as f:
@@ -1050,6 +1056,9 @@ def drive(out: Path, mode: str, only: list, budgets: dict) -> int:
             res["sections"][name] = run_section(name, out, mode, budget, os.path.join(parts, name + ".json"))
         res["elapsed_s"] = time.perf_counter() - t0
         write_results(res, out)
+        if res["sections"][name]["status"] == "stopped from outside":
+            res["interrupted"] = f"stopped from outside after {res['elapsed_s']:.0f} s; later sections did not run"
+            break
     if "speed" in res["sections"]:
         try:
             speed_figure(res, out / "speed.png")
@@ -1058,7 +1067,7 @@ def drive(out: Path, mode: str, only: list, budgets: dict) -> int:
     res["elapsed_s"] = time.perf_counter() - t0
     write_results(res, out)
     print("\n" + summary_text(res), flush=True)
-    bad = any(s.get("status") != "ok" or s.get("errors") or any(i.get("ok") is False for i in s.get("items", []))
+    bad = "interrupted" in res or any(s.get("status") != "ok" or s.get("errors") or any(i.get("ok") is False for i in s.get("items", []))
               for s in res["sections"].values())
     return 1 if bad else 0
 
