@@ -29,6 +29,7 @@ import gc
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -162,7 +163,8 @@ def environment(dev: str) -> dict:
         name = f"CPU ({os.cpu_count()} cores visible)"
     return {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
             "transformers": transformers.__version__, "python": sys.version.split()[0],
-            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0")}
+            "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32}   # False: fp32 heads use full fp32
 
 
 def sync(dev: str) -> None:
@@ -738,7 +740,7 @@ def section_train(part: Part, cfg: dict, dev: str) -> None:
         st["model"], st["tok"], built_on = random_model(cfg["arch"], dev)
         st["init"] = {n: p.detach().clone() for n, p in st["model"].named_parameters()}
         n_params = sum(p.numel() for p in st["model"].parameters())
-        return {"arch": cfg["arch"], "params_b": n_params / 1e9, "vocab": ARCHS[cfg["arch"]][1]["vocab_size"],
+        return {"arch": cfg["arch"], "params": n_params, "vocab": ARCHS[cfg["arch"]][1]["vocab_size"],
                 "dtype": "bfloat16", "initialised_on": built_on, "build_s": time.perf_counter() - t, "ok": True}
 
     def update(fused, key, against=None):
@@ -766,13 +768,16 @@ def section_train(part: Part, cfg: dict, dev: str) -> None:
         return r
 
     need = 20.0 if dev == "cuda" else 2.0
-    part.item(f"build {cfg['arch']} (random init, bf16)", build, need_s=need)
-    part.item("update, fused head (samples the rollout)", update(True, "grads_fused"), need_s=need)
-    part.item("update, unfused head", update(False, "grads_unfused"), need_s=need)
-    part.item("gradients: fused vs unfused", compare)
-    part.item("update, fused head again (timed warm)", update(True, None, "grads_fused"), need_s=need)
-    part.item("update, unfused head again (timed warm)", update(False, None, "grads_unfused"), need_s=need)
-    part.item("per-token log-probs and entropies vs float64", lambda: head_values(st), need_s=need / 2)
+    try:
+        part.item(f"build {cfg['arch']} (random init, bf16)", build, need_s=need)
+        part.item("update, fused head (samples the rollout)", update(True, "grads_fused"), need_s=need)
+        part.item("update, unfused head", update(False, "grads_unfused"), need_s=need)
+        part.item("gradients: fused vs unfused", compare)
+        part.item("update, fused head again (timed warm)", update(True, None, "grads_fused"), need_s=need)
+        part.item("update, unfused head again (timed warm)", update(False, None, "grads_unfused"), need_s=need)
+        part.item("per-token log-probs and entropies vs float64", lambda: head_values(st), need_s=need / 2)
+    finally:
+        shutil.rmtree(st["tmp"], ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ targets, summary
@@ -906,7 +911,10 @@ def _train_lines(sec: dict) -> list:
     lines = [_items_line(sec)]
     b = next((i for n, i in items.items() if n.startswith("build")), {})
     if b.get("ok"):
-        lines.append(f"{b['arch']}: {b['params_b']:.2f} B params, V={b['vocab']}, bf16, built in {b['build_s']:.0f} s")
+        n = b["params"]
+        size = f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+        lines.append(f"{b['arch']}: {size} params, V={b['vocab']}, bf16, built on {b['initialised_on']} in "
+                     f"{b['build_s']:.0f} s")
     runs = []
     for key, label in (("update, fused head again (timed warm)", "fused"),
                        ("update, unfused head again (timed warm)", "unfused")):
@@ -1064,6 +1072,7 @@ def drive(out: Path, mode: str, only: list, budgets: dict) -> int:
             speed_figure(res, out / "speed.png")
         except Exception as e:
             res["sections"]["speed"]["notes"].append(f"figure failed: {type(e).__name__}: {e}")
+    shutil.rmtree(parts, ignore_errors=True)
     res["elapsed_s"] = time.perf_counter() - t0
     write_results(res, out)
     print("\n" + summary_text(res), flush=True)
