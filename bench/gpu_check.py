@@ -676,10 +676,15 @@ def rlvr_update(st: dict, fused: bool) -> dict:
     peak_gib = (torch.cuda.max_memory_allocated() - base) / 2**30 if dev == "cuda" else None
     del trainer
     free_memory()
-    keep = ("loss", "entropy", "grad_norm", "time_rollout_s", "time_train_s", "time_step_s", "train_tokens_per_s",
-            "tokens_per_s", "response_len", "reward_mean", "ratio_mean")
-    return {"fused": fused, **{k: metrics[k] for k in keep if k in metrics}, "s_per_step": metrics["time_train_s"],
-            "extra_peak_gib": peak_gib, "grads": grads}
+    if "loss" not in metrics:
+        raise RuntimeError(f"the step made no update: {sorted(metrics)}")
+    keep = ("loss", "entropy", "grad_norm", "time_step_s", "train_tokens_per_s", "tokens_per_s", "response_len",
+            "reward_mean")
+    times = {k: v for k, v in metrics.items() if k.startswith("time_") and k != "time_step_s"}
+    # the head works in the scoring pass (old log-probs) and in the update: everything but the rollout
+    return {"fused": fused, **{k: metrics[k] for k in keep if k in metrics}, **times,
+            "s_per_step": metrics["time_step_s"] - metrics.get("time_rollout_s", 0.0), "extra_peak_gib": peak_gib,
+            "grads": grads}
 
 
 def grad_difference(ga: dict, gb: dict) -> dict:
@@ -921,7 +926,8 @@ def _train_lines(sec: dict) -> list:
         r = items.get(key) or {}
         if r.get("ok") is not None and "s_per_step" in r:
             mem = "" if r.get("extra_peak_gib") is None else f", peak +{r['extra_peak_gib']:.1f} GiB"
-            runs.append(f"{label} {r['s_per_step']:.3g} s/update, {r['train_tokens_per_s']:,.0f} tokens/s{mem}")
+            runs.append(f"{label} {r['s_per_step']:.3g} s/step without rollout ({r['time_update_s']:.3g} s update, "
+                        f"{r['train_tokens_per_s']:,.0f} tokens/s){mem}")
     first = items.get("update, fused head (samples the rollout)") or {}
     if runs:
         roll = f" (rollout {first['rollout_s']:.1f} s, once)" if "rollout_s" in first else ""
