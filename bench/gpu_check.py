@@ -46,8 +46,9 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
 
 SECTIONS = ("correctness", "failures", "speed", "train")
 # Hard budgets in seconds per section (the child process is killed at its budget; items that would not
-# fit are skipped and recorded). GPU: 60 + 60 + 165 + 150 = 435 s, inside the 8-minute limit.
-BUDGETS = {"gpu": dict(correctness=60, failures=60, speed=165, train=150),
+# fit are skipped and recorded). GPU: 60 + 75 + 150 + 150 = 435 s, inside the 8-minute limit (failures compiles
+# extra tilings and runs inductor; speed needs ~100 s by estimate).
+BUDGETS = {"gpu": dict(correctness=60, failures=75, speed=150, train=150),
            "dry": dict(correctness=45, failures=45, speed=45, train=90)}
 TOTAL_S = {"gpu": 465, "dry": 280}
 PRIME_V = {"gpu": 100_003, "dry": 251}
