@@ -30,6 +30,8 @@ CONFIGS = {
     "kl_cov": dict(algo="kl_cov", loss_options={"k": 0.2}),
     "bapo_paper": dict(algo="bapo_paper"),
     "tis": dict(algo="dapo", tis_cap=2.0),
+    # the pipeline's stages (issue 15): another estimator, a reward shaper, the reference KL
+    "stages": dict(algo="dapo", advantage="rloo", reward_shaping=["overlong"], kl_coef=0.05),
     "kl_cov_local": dict(algo="kl_cov", loss_options={"k": 0.2}, batch_scope="local"),   # per-process statistics
 }
 GLOBAL = [n for n in CONFIGS if CONFIGS[n].get("batch_scope") != "local"]
