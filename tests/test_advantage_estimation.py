@@ -136,3 +136,25 @@ def test_canon_step_schedule_needs_the_step_in_the_batch(tmp_path):
     with pytest.raises(ValueError, match="batch\\['step'\\]"):
         train(steps=1, output_dir=str(tmp_path / "c"), **TINY, advantage="canon",
               advantage_options={"schedule": "cosine_restart"}, reward_fn=odd_length)
+
+
+# ---- HAPO's token-level average --------------------------------------------------------------------------------------
+def test_hapo_token_level_refuses_bad_input_and_centres_tokens():
+    with pytest.raises(ValueError, match="lengths"):
+        ae.hapo_token_level_advantages(torch.ones(4), torch.ones(3), 2)
+    with pytest.raises(ValueError, match="no tokens"):
+        ae.hapo_token_level_advantages(torch.tensor([1.0, 0.0]), torch.zeros(2), 2)
+    with pytest.raises(ValueError, match="fallback"):
+        ae.hapo_token_level_advantages(torch.tensor([1.0, 0.0]), torch.ones(2), 2, fallback=float("inf"))
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        R = torch.randint(0, 2, (12,), generator=g).float()
+        L = torch.randint(1, 10, (12,), generator=g)
+        a = ae.hapo_token_level_advantages(R, L, 4, fallback=1e9).view(3, 4)
+        assert ((L.view(3, 4) * a).sum(1).abs() < 1e-4).all()               # Σ|o|Â = 0 per group without fallback
+
+
+def test_hapo_token_level_trains_one_step(tmp_path):
+    res = train(steps=1, output_dir=str(tmp_path / "h"), **TINY, algo="hapo", advantage="hapo_token_level",
+                reward_fn=odd_length)
+    assert res.metrics[0]["grad_norm"] > 0
