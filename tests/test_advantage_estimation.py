@@ -5,14 +5,9 @@ import torch
 import entropy_rl.advantage_estimation as ae
 from entropy_rl.advantages import ADVANTAGES, dr_grpo_advantages
 from entropy_rl.trainer import train
+from test_trainer import TINY, odd_length      # the tiny-model settings and stand-in verifier of the trainer's tests
 
 D = torch.float64
-TINY = dict(model="tiny", prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-2, progress=False, plot=False,
-            task_options={"instruction": None})
-
-
-def odd_length(text, problem):
-    return float(len(text) % 2)
 
 
 # ---- CANON ----------------------------------------------------------------------------------------------------------

@@ -8,15 +8,11 @@ import entropy_rl.reweighting as rw
 from entropy_rl.advantages import ADVANTAGES
 from entropy_rl.losses import check_loss_options, policy_loss
 from entropy_rl.ratios import token_segment_ids
+from entropy_rl.toy import finite_difference_grad
 from entropy_rl.trainer import TrainConfig, train
+from test_trainer import TINY, odd_length      # the tiny-model settings and stand-in verifier of the trainer's tests
 
 D = torch.float64
-TINY = dict(model="tiny", prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-2, progress=False, plot=False,
-            task_options={"instruction": None})
-
-
-def odd_length(text, problem):
-    return float(len(text) % 2)
 
 
 def _batch(seed=0, B=3, T=5):
@@ -106,12 +102,7 @@ def test_steer_gradient_matches_finite_differences():
     w = rw.steer_weights(rw.steer_omega(lp, olp, adv, H, m), m)
     def f(y):
         return policy_loss("dapo", y, olp, adv, m, dual_clip=10.0, token_weights=w)[0]
-    eps, num = 1e-6, torch.zeros_like(lp)
-    for i in range(lp.shape[0]):
-        for j in range(lp.shape[1]):
-            e = torch.zeros_like(lp); e[i, j] = eps
-            num[i, j] = (f(lp + e) - f(lp - e)) / (2 * eps)
-    torch.testing.assert_close(x.grad, num, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(x.grad, finite_difference_grad(f, lp, 1e-6), atol=1e-7, rtol=1e-5)
     assert (x.grad[~m] == 0).all()
 
 
@@ -177,12 +168,7 @@ def test_hapo_gradient_matches_finite_differences(reading):
     # ĥ, the widths and the differential advantage are no-grad and depend on r only through the band: away from
     # the band's edges a central difference sees them fixed
     f = lambda y: policy_loss("hapo", y, olp, adv, m, entropy=H, reading=reading)[0]
-    eps, num = 1e-7, torch.zeros_like(lp)
-    for i in range(lp.shape[0]):
-        for j in range(lp.shape[1]):
-            e = torch.zeros_like(lp); e[i, j] = eps
-            num[i, j] = (f(lp + e) - f(lp - e)) / (2 * eps)
-    torch.testing.assert_close(x.grad, num, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad, finite_difference_grad(f, lp, 1e-7), atol=1e-6, rtol=1e-5)
 
 
 # ---- one training step on the tiny model ------------------------------------------------------------------------------
