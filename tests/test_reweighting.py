@@ -189,3 +189,17 @@ def test_empg_trains_one_step(tmp_path, advantage, algo):
     res = train(steps=1, output_dir=str(tmp_path / advantage), **TINY, algo=algo, advantage=advantage, reward_fn=odd_length)
     assert res.metrics[0]["grad_norm"] > 0
     assert "entropy" in TrainConfig(**{**TINY, "advantage": advantage}).needs()["advantage"]
+
+
+def test_hapo_h_is_taken_over_the_loss_call():
+    "Micro-batch scope: ĥ of a token depends on which tokens share its loss call."
+    H = torch.tensor([[0.05, 0.1, 0.2], [0.5, 1.0, 2.0]], dtype=D)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    whole = rw.hapo_normalized_entropy(H, m)
+    alone = rw.hapo_normalized_entropy(H[:1], m[:1])
+    assert not torch.allclose(whole[:1], alone)
+    lp, olp, _, adv, _ = _batch(2, B=2, T=3)
+    a = policy_loss("hapo", lp, olp, adv, m, entropy=H, aggregation="seq-mean-token-sum")[0]
+    b = sum(policy_loss("hapo", lp[i:i + 1], olp[i:i + 1], adv[i:i + 1], m[i:i + 1], entropy=H[i:i + 1],
+                        aggregation="seq-mean-token-sum")[0] for i in range(2)) / 2
+    assert abs(a.item() - b.item()) > 1e-6
