@@ -203,3 +203,11 @@ def test_hapo_h_is_taken_over_the_loss_call():
     b = sum(policy_loss("hapo", lp[i:i + 1], olp[i:i + 1], adv[i:i + 1], m[i:i + 1], entropy=H[i:i + 1],
                         aggregation="seq-mean-token-sum")[0] for i in range(2)) / 2
     assert abs(a.item() - b.item()) > 1e-6
+
+
+def test_steer_old_entropy_is_a_tensor_input_not_a_setting():
+    with pytest.raises(ValueError, match="per-call input"):
+        check_loss_options("steer", {"old_entropy": 1.0})
+    lp, olp, H, adv, m = _batch(4)
+    with pytest.raises(ValueError, match="per-call input"):
+        policy_loss("steer", lp, olp, adv, m, old_entropy=H[:, :2])
