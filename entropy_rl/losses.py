@@ -71,7 +71,7 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, frac: float = 0.2) -> Tenso
 # %% ../nbs/06_losses.ipynb #6141b34e
 # per-call tensors (or objects) a caller supplies; not settable from a config file
 INPUT_OPTIONS = ("entropy", "token_weights", "ref_logp", "inputs", "segment_ids", "generator", "all_reduce",
-                 "global_stats")
+                 "global_stats", "old_entropy")
 COMMON_OPTIONS: dict = {"aggregation": None, "max_length": None, "entropy": None, "entropy_coef": 0.0,
                         "top_entropy_frac": None, "token_weights": None, "kl_coef": 0.0, "ref_logp": None,
                         "regularizers": None, "inputs": None}

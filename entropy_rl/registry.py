@@ -106,7 +106,7 @@ class Registry:
         return f"Registry({self.stage!r}, {self.names()})"
 
 # %% ../nbs/04a_registry.ipynb #86790de0
-MECHANISM_MODULES: tuple = ()   # chapters' modules that register stage entries (imported on first use)
+MECHANISM_MODULES: tuple = ("entropy_rl.reweighting", "entropy_rl.advantage_estimation")   # chapters' modules that register stage entries (imported on first use)
 QUANTITIES = Registry("per-token quantity")
 
 def load_mechanisms() -> None:

@@ -145,7 +145,7 @@ def _check_steer_loss(o: dict) -> None:
 register_loss("steer", _steer_loss, dict(mode="exp", w_min=0.8, w_max=1.0, clip_low=0.2, clip_high=0.28,
                                          dual_clip=10.0, old_entropy=None), "token-mean",
               "STEER: dual-clip PPO x sg[w], w shrinks the tokens with the largest one-step |dH| estimate",
-              needs={"entropy"}, check=_check_steer_loss)
+              needs={"entropy", "old_entropy"}, check=_check_steer_loss)
 
 # %% ../nbs/17_token_reweighting.ipynb #d53d91db
 def steer_view(mode: str = "exp", w_min: float = 0.8, w_max: float = 1.0, logits: Tensor | None = None,

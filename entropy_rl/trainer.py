@@ -432,6 +432,7 @@ class StepBatch:
     rewards: torch.Tensor          # [B] after the reward shapers
     group_size: int
     max_new_tokens: int
+    step: int = 0                  # the step being taken, counted from 1 as the metrics log it
     texts: list = field(default_factory=list)
     old_logp: torch.Tensor | None = None       # [B, T] the policy before this step's updates
     entropy: torch.Tensor | None = None        # [B, T] its entropy
@@ -605,7 +606,7 @@ class StepPipeline:
                           attn=torch.cat([t["prompt_mask"], t["response_mask"]], 1).long().to(dev),
                           mask=t["response_mask"].bool().to(dev), sample_logp=t["sample_logp"].to(dev),
                           scores=t["scores"].to(dev), rewards=t["rewards"].to(dev), group_size=c.group_size,
-                          max_new_tokens=c.max_new_tokens, texts=t["texts"])
+                          max_new_tokens=c.max_new_tokens, step=step + 1, texts=t["texts"])
         return batch.validate(), sampling
 
     def _sampling_metrics(self, parts: list, shaping: list, rounds: int, drawn: int, kept: int) -> dict:
@@ -651,7 +652,7 @@ class StepPipeline:
                 batch.quantities = self._quantities(batch, quantities, chunks)
             if "ref_logp" in needs["loss"]:
                 batch.ref_logp = self._reference_logp(batch, chunks or [torch.arange(B)])
-        if "segment_ids" in needs["loss"]:
+        if "segment_ids" in set().union(*needs.values()):
             from entropy_rl.ratios import delimiter_ids_from_tokenizer, segment_ids_from_delimiters
             if getattr(self, "_delimiters", None) is None:
                 self._delimiters = delimiter_ids_from_tokenizer(self.tokenizer)
@@ -702,6 +703,7 @@ class StepPipeline:
         "What the loss declared it needs, for one micro-batch (the current entropy carries its gradient)."
         need, out = self.needs["loss"], {}
         if "entropy" in need: out["entropy"] = H
+        if "old_entropy" in need: out["old_entropy"] = batch.entropy[micro]
         if "ref_logp" in need: out["ref_logp"] = batch.ref_logp[micro]
         if "segment_ids" in need: out["segment_ids"] = batch.segment_ids[micro]
         if "generator" in need: out["generator"] = self.generators["loss"]

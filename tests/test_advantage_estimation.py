@@ -126,11 +126,16 @@ def test_estimators_train_one_step(tmp_path, advantage, options):
     ae.reset_riskpo_trackers()
 
 
-def test_canon_step_schedule_needs_the_step_in_the_batch(tmp_path):
-    "The trainer's batch does not carry the step yet: a clear error, not a silent schedule."
+def test_canon_step_schedule_reads_the_step_from_the_batch(tmp_path):
+    "The trainer's StepBatch carries the step (from 1), so the cosine schedules train; a batch without it is refused."
+    res = train(steps=2, output_dir=str(tmp_path / "c"), **TINY, advantage="canon",
+                advantage_options={"schedule": "cosine_restart"}, reward_fn=odd_length)
+    assert [m["step"] for m in res.metrics] == [1, 2] and all(m["grad_norm"] == m["grad_norm"] for m in res.metrics)
+    from entropy_rl.advantages import ADVANTAGES
+    e = ADVANTAGES.get("canon")
+    batch = {"mask": torch.ones(4, 3, dtype=torch.bool), "entropy": torch.rand(4, 3), "max_new_tokens": 3}
     with pytest.raises(ValueError, match="batch\\['step'\\]"):
-        train(steps=1, output_dir=str(tmp_path / "c"), **TINY, advantage="canon",
-              advantage_options={"schedule": "cosine_restart"}, reward_fn=odd_length)
+        e.fn(torch.tensor([1.0, 0.0, 1.0, 0.0]), 4, batch, **ADVANTAGES.resolve("canon", {"schedule": "cosine_restart"}))
 
 
 # ---- HAPO's token-level average --------------------------------------------------------------------------------------

@@ -206,7 +206,7 @@ def test_hapo_h_is_taken_over_the_loss_call():
 
 
 def test_steer_old_entropy_is_a_tensor_input_not_a_setting():
-    with pytest.raises(ValueError, match="per-call input"):
+    with pytest.raises(ValueError, match="tensors the trainer computes per step"):
         check_loss_options("steer", {"old_entropy": 1.0})
     lp, olp, H, adv, m = _batch(4)
     with pytest.raises(ValueError, match="per-call input"):
