@@ -31,7 +31,8 @@ CHROME_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-dev-shm
                '--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1']   # nothing else is reachable
 IMAGE_MIMES = ('image/png', 'image/jpeg', 'image/gif', 'image/svg+xml')
 HIDING = re.compile(r'^\s*#\|\s*(hide|export\w*|include:\s*false|output:\s*false)\s*$', re.M)
-LIVE_MIMES = ('application/vnd.jupyter.widget-view+json', 'application/vnd.entropy-rl.figure+json')
+FIGURE_MIME, WIDGET_MIME = 'application/vnd.entropy-rl.figure+json', 'application/vnd.jupyter.widget-view+json'
+INTERACT = re.compile(r'\binteract(ive|_manual|ive_output)?\(')   # ipywidgets' live figures (not progress bars)
 MECHANISM = re.compile(r'^(0[0-7]|1[6-9]|[2-9]\d|\d{3,})_')   # mechanism chapters: 00-07 and 16 onward
 LOCAL = ('data:', 'blob:', 'about:', 'chrome:', 'chrome-extension:', 'devtools:')   # not network requests
 ERROR_LINE = re.compile(r'^\s*(\w+\.)*\w*(Error|Exception)(:.*)?$', re.M)   # e.g. 'SyntaxError: invalid syntax'
@@ -66,10 +67,11 @@ def status(url):
 
 
 def stored_figures(nb):
-    "Interactive figures the notebook stores (live widgets or figure specifications) in cells the site shows."
+    "Interactive figures the notebook stores in cells the site shows: figure specifications, and ipywidgets `interact` outputs."
     cells = json.loads((NBS/nb).read_text(encoding='utf-8'))['cells']
     return sum(1 for c in cells if c['cell_type'] == 'code' and not HIDING.search(''.join(c['source']))
-               for o in c.get('outputs', []) if any(m in o.get('data', {}) for m in LIVE_MIMES))
+               for o in c.get('outputs', []) if FIGURE_MIME in o.get('data', {})
+               or (WIDGET_MIME in o.get('data', {}) and INTERACT.search(''.join(c['source']))))
 
 
 def has_math(nb):
@@ -245,15 +247,22 @@ def test_interactive_figures_move(nb, browser, base_url, visit):
             before = browser.execute_script(MOVE_JS, f, k)
             assert before['ok'], f'{page}: figure {f} shows no image'
             browser.execute_script('arguments[0].scrollIntoView({block: "center"})', el)
+            # one step away from the default (as a reader would: arrow key, or another option), then back
             if before['kind'] == 'select':
-                Select(el).select_by_index(1 if before['value'] == '0' else 0)
+                sel, j = Select(el), int(before['value'])
+                sel.select_by_index(j + 1 if j == 0 else j - 1)
             else:
-                el.send_keys(Keys.END if before['value'] == '0' else Keys.HOME)
+                there, back = (Keys.ARROW_RIGHT, Keys.ARROW_LEFT) if before['value'] == '0' else (Keys.ARROW_LEFT, Keys.ARROW_RIGHT)
+                el.send_keys(there)
             after = browser.execute_script(MOVE_JS, f, k)
             assert after['value'] != before['value'], f'{page}: figure {f}, control {k} did not move'
             assert after['ok'], f'{page}: figure {f}, control {k}: the new frame did not load'
             assert after['src'] != before['src'], f'{page}: figure {f}: moving control {k} did not change the image'
             if after['label'] is not None:
                 assert after['label'] != before['label'], f'{page}: figure {f}, control {k}: the value shown did not change'
+            if before['kind'] == 'select': sel.select_by_index(j)
+            else: el.send_keys(back)
+            assert browser.execute_script(MOVE_JS, f, k)['src'] == before['src'], \
+                f'{page}: figure {f}: moving control {k} back did not restore the image'
     errors, _ = drain_logs(browser)
     assert not errors, f'{page}: console errors while moving the controls: {errors[:3]}'
