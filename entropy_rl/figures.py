@@ -16,7 +16,7 @@ import json
 import math
 import numbers
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # %% auto #0
 __all__ = ['MIME', 'MAX_FRAMES', 'DPI', 'Slider', 'Choice', 'resolve', 'figure_spec', 'frame_png', 'frame_grid', 'static_twin',
