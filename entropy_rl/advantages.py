@@ -10,7 +10,7 @@ from .registry import Registry
 
 # %% auto #0
 __all__ = ['REWARD_SHAPERS', 'GROUP_FILTERS', 'ADVANTAGES', 'group_advantages', 'dr_grpo_advantages',
-           'token_level_group_advantages', 'dynamic_sampling_mask', 'overlong_penalty', 'rloo_advantages',
+           'token_level_group_advantages', 'dynamic_sampling_mask', 'overlong_penalty', 'group_view', 'rloo_advantages',
            'list_reward_shapers', 'list_group_filters', 'list_advantages']
 
 # %% ../nbs/05_advantages.ipynb #a2841b00
@@ -96,6 +96,32 @@ def overlong_penalty(lengths: Tensor, max_length: int, cache_length: int) -> Ten
     start = max_length - cache_length
     ramp = (start - L) / cache_length
     return torch.where(L <= start, torch.zeros_like(L), torch.where(L <= max_length, ramp, -torch.ones_like(L)))
+
+# %% ../nbs/05_advantages.ipynb #b5a70461
+def group_view(n_correct: int = 2, wrong_length: int = 400, group_size: int = 6, correct_length: int = 300,
+               max_length: int = 1024, cache_length: int = 256):
+    "Figure: one group's advantages under GRPO, Dr. GRPO and the token-level average (overlong shaping on), and their sums."
+    import matplotlib.pyplot as plt
+    if not 0 <= n_correct <= group_size:
+        raise ValueError(f"n_correct must be in [0, {group_size}], got {n_correct}")
+    lengths = torch.tensor([correct_length] * n_correct + [wrong_length] * (group_size - n_correct), dtype=torch.float64)
+    rewards = (torch.tensor([1.0] * n_correct + [0.0] * (group_size - n_correct), dtype=torch.float64)
+               + overlong_penalty(lengths, max_length, cache_length))
+    est = {"GRPO": group_advantages(rewards, group_size), "Dr. GRPO": dr_grpo_advantages(rewards, group_size),
+           "token-level": token_level_group_advantages(rewards, lengths, group_size)}
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 3.4), gridspec_kw=dict(width_ratios=[2.2, 1]))
+    x = torch.arange(group_size)
+    for j, (name, a) in enumerate(est.items()):
+        ax0.bar(x + (j - 1) * 0.27, a, 0.27, label=name, color=f"C{j}")
+        ax1.bar([j - 0.2, j + 0.2], [float(a.sum()), float((lengths * a).sum() / lengths.sum())], 0.4,
+                color=f"C{j}", hatch=["", "//"], edgecolor="white")
+    ax0.set_xticks(x, [f"R = {float(r):+.2f}\n|o| = {int(n)}" for r, n in zip(rewards, lengths)], fontsize=8)
+    ax0.axhline(0, c="k", lw=0.6); ax0.set_ylabel("advantage"); ax0.legend(fontsize=8)
+    ax0.set_title(f"{n_correct} of {group_size} correct; wrong answers {wrong_length} tokens (L_max = {max_length})", fontsize=10)
+    ax1.set_xticks(range(3), list(est), fontsize=8); ax1.axhline(0, c="k", lw=0.6)
+    ax1.set_title("Σ A (plain)   vs   Σ|o|A / Σ|o| (hatched)", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 # %% ../nbs/05_advantages.ipynb #dcfdde1d
 def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:

@@ -19,7 +19,7 @@ from .covariance import first_order_entropy_change
 __all__ = ['REGIONS', 'QUADRANTS', 'ENTROPY_LOWERING', 'ENTROPY_RAISING', 'READINGS', 'BAPO_DEFAULTS', 'BAPO_CODE_SCRIPT',
            'clipped_surrogate_loss', 'carries_gradient', 'clip_regions', 'clipped_surrogate_grad',
            'clipped_surrogate_entropy_change', 'entropy_quadrants', 'token_entropy_change', 'synthetic_token_batch',
-           'clip_stats', 'contribution_sums', 'bapo_share', 'bapo_bounds', 'clip_view_stats']
+           'clip_stats', 'contribution_sums', 'bapo_share', 'bapo_bounds', 'clip_view_stats', 'clip_view']
 
 # %% ../nbs/03_clipping.ipynb #2e345f8a
 def _as_bound(x, name: str) -> float:
@@ -390,3 +390,22 @@ def clip_view_stats(batch: dict, eps_low: float = 0.2, eps_high: float = 0.28, l
     stats["entropy_change_by_quadrant"] = {q: float(dH[m].sum()) / n for q, m in quads.items()}
     stats["bounds"] = (low, high)
     return stats
+
+# %% ../nbs/03_clipping.ipynb #7b61ef49
+_COLORS = {"pos_high": "tab:blue", "pos_low": "tab:orange", "neg_high": "tab:green", "neg_low": "tab:red"}
+
+def clip_view(eps_low: float = 0.2, eps_high: float = 0.28, seed: int = 0):
+    "Figure for the clip bounds (1 - eps_low, 1 + eps_high) on `synthetic_token_batch(seed=seed)`: clipped share and first-order ΔH per quadrant."
+    import matplotlib.pyplot as plt
+    s = clip_view_stats(synthetic_token_batch(seed=seed), eps_low, eps_high)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
+    qs = list(QUADRANTS)
+    ax1.bar(qs, [s["clipped"][q] for q in qs], color=[_COLORS[q] for q in qs])
+    ax1.set_ylim(0, 1); ax1.set_ylabel("fraction clipped (X = 0)")
+    ax1.set_title(f"bounds [{s['bounds'][0]:.2f}, {s['bounds'][1]:.2f}]")
+    ax2.bar(qs, [s["entropy_change_by_quadrant"][q] for q in qs], color=[_COLORS[q] for q in qs])
+    ax2.axhline(0, color="k", lw=0.8); ax2.set_ylabel("first-order ΔH per token (lr = 1)")
+    ax2.set_title(f"net ΔH {s['entropy_change']:+.4f} · paper share {s['positive_share_paper']:.3f} · "
+                  f"code P/N {s['pos_neg_code']:.3f}", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -18,7 +18,8 @@ from .registry import Registry
 # %% auto #0
 __all__ = ['AGGREGATIONS', 'INPUT_OPTIONS', 'COMMON_OPTIONS', 'REGULARIZERS', 'LOSSES', 'LossSpec', 'aggregate',
            'high_entropy_mask', 'register_loss', 'list_losses', 'loss_options', 'loss_needs', 'register_regularizer',
-           'list_regularizers', 'policy_loss', 'check_loss_options', 'apply_dual_clip']
+           'list_regularizers', 'policy_loss', 'check_loss_options', 'apply_dual_clip', 'loss_token_gradients',
+           'loss_gradient_view']
 
 # %% ../nbs/06_losses.ipynb #9610a516
 AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -475,3 +476,44 @@ register_loss("bapo_paper", _bapo("paper"), {"all_reduce": None, "dual_clip": No
 register_loss("bapo_code", _bapo("code"), {"all_reduce": None, "dual_clip": 3.0, **BAPO_DEFAULTS["code"]},
               "token-mean", "BAPO, the released code's reading, with its dual clip c = 3 (entropy_rl.clipping)",
               check=_check_dual_clip)
+
+# %% ../nbs/06_losses.ipynb #3a76d1bd
+def loss_token_gradients(name: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                         entropy: Tensor | None = None, segment_ids: Tensor | None = None, **options) -> tuple[Tensor, dict]:
+    """∂L/∂logp [B, T] of registered loss `name` (with its defaults and `options`) and its metrics.
+    `entropy` is passed to every loss, `segment_ids` to those that take it; a loss with a random
+    selection (Clip-Cov) gets a generator seeded with 0 unless `options` has one."""
+    valid = loss_options(name)
+    kw = dict(options)
+    if entropy is not None:
+        kw.setdefault("entropy", entropy)
+    if segment_ids is not None and "segment_ids" in valid:
+        kw.setdefault("segment_ids", segment_ids)
+    if "generator" in valid:
+        kw.setdefault("generator", torch.Generator().manual_seed(0))
+    lp = logp.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss, metrics = policy_loss(name, lp, old_logp, advantages, mask, **kw)
+        grad, = torch.autograd.grad(loss, lp)
+    return grad, metrics
+
+
+def loss_gradient_view(loss_a: str = "grpo", loss_b: str = "dapo", *, logp: Tensor, old_logp: Tensor,
+                       advantages: Tensor, mask: Tensor, entropy: Tensor | None = None, segment_ids: Tensor | None = None):
+    "Figure: −∂L/∂logp per token for two losses side by side on one colour scale (grey: padding)."
+    import matplotlib.pyplot as plt
+    m = mask != 0
+    grads = {n: loss_token_gradients(n, logp, old_logp, advantages, mask, entropy, segment_ids) for n in (loss_a, loss_b)}
+    lim = max(float(g.abs()[m].max()) for g, _ in grads.values()) or 1.0
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, (name, (g, met)) in zip(axes, grads.items()):
+        shown = torch.where(m, -g, torch.full_like(g, float("nan"))).double().numpy()
+        im = ax.imshow(shown, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+        im.cmap.set_bad("0.85")
+        clip = f", clip/frac {met['clip/frac']:.2f}" if "clip/frac" in met else ""
+        ax.set_title(f"{name} ({loss_options(name)['aggregation']}{clip})", fontsize=9)
+        ax.set_xlabel("token t")
+    a = advantages if advantages.dim() == 1 else advantages[:, 0]
+    axes[0].set_yticks(range(len(a)), [f"A={float(v):+.2f}" for v in a], fontsize=7)
+    fig.colorbar(im, ax=list(axes), label="−∂L/∂log π (red: pushed up)")
+    return fig

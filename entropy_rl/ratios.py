@@ -11,7 +11,8 @@ from torch import Tensor
 # %% auto #0
 __all__ = ['DEFAULT_DELIMITERS', 'token_log_ratios', 'token_ratios', 'sequence_log_ratios', 'sequence_ratios',
            'gspo_token_ratios', 'delimiter_ids_from_tokenizer', 'segment_ids_from_delimiters', 'token_segment_ids',
-           'sequence_segment_ids', 'segment_mean', 'segment_log_ratios', 'segment_ratios', 'entropy_adaptive_bounds']
+           'sequence_segment_ids', 'segment_mean', 'segment_log_ratios', 'segment_ratios', 'entropy_adaptive_bounds',
+           'ratio_rows', 'plot_ratio_rows']
 
 # %% ../nbs/04_ratios.ipynb #f1f4d2e4
 def _check_inputs(logp: Tensor, old_logp: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -161,3 +162,41 @@ def entropy_adaptive_bounds(segment_entropy: Tensor, mask: Tensor, *, clip_low: 
     h = torch.tanh((H - ref) / scale)
     h = torch.where(m, h, torch.zeros_like(h))
     return 1 - clip_low * (1 + alpha * h), 1 + clip_high * (1 + alpha * h)
+
+# %% ../nbs/04_ratios.ipynb #15bcfc21
+def ratio_rows(tokens: Sequence[str], segments, sigma: float = 0.1, spike: float = 1.5, seed: int = 0) -> dict:
+    "Token / segment / sequence ratios of one response (token strings, segment ids [T]) under a seeded synthetic perturbation."
+    T = len(tokens)
+    seg = torch.as_tensor(segments, dtype=torch.long).reshape(1, -1)
+    if T == 0 or seg.shape[1] != T:
+        raise ValueError(f"need one segment id per token, got {T} tokens and {seg.shape[1]} segment ids")
+    msk = torch.ones(1, T, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    old = -torch.rand((1, T), generator=gen, dtype=torch.float64) * 3
+    new = old + sigma * torch.randn((1, T), generator=gen, dtype=torch.float64)
+    new[0, torch.randint(T, (1,), generator=gen)] += spike
+    return dict(tokens=list(tokens), segments=seg[0], token=token_ratios(new, old, msk)[0],
+                segment=segment_ratios(new, old, msk, seg)[0], sequence=gspo_token_ratios(new, old, msk)[0])
+
+
+def plot_ratio_rows(tokens: Sequence[str], segments, sigma: float = 0.1, spike: float = 1.5, seed: int = 0):
+    "Figure: the response three times, tokens coloured by token / segment / sequence ratio (see `ratio_rows`)."
+    import matplotlib.pyplot as plt
+    from matplotlib import cm, colors
+    rows = ratio_rows(tokens, segments, sigma, spike, seed)
+    lim = max(float(rows["token"].log().abs().max()), 0.05)
+    norm, cmap = colors.Normalize(-lim, lim), plt.get_cmap("RdBu_r")
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    names = ["token (GRPO)", "segment (SSPO)", "sequence (GSPO)"]
+    for row, key in enumerate(["token", "segment", "sequence"]):
+        y, x = 2.6 - row * 1.0, 0.0
+        ax.text(-0.5, y, names[row], ha="right", va="center", fontsize=9, fontweight="bold")
+        for tok, r in zip(rows["tokens"], rows[key].tolist()):
+            shown = tok.replace("\n", "⏎")
+            ax.text(x, y, shown, family="monospace", fontsize=9, va="center",
+                    bbox=dict(boxstyle="square,pad=0.15", fc=cmap(norm(torch.tensor(r).log().item())), ec="white", lw=0.5))
+            x += 0.62 * max(len(shown), 1) + 0.25
+    ax.set_xlim(-9, x + 1); ax.set_ylim(0, 3.2); ax.axis("off")
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, orientation="horizontal", fraction=0.05,
+                 pad=0.02, label="log ratio  (blue: π_θ < π_old,  red: π_θ > π_old)")
+    return fig

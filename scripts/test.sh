@@ -13,11 +13,16 @@ step() { printf '\n== %s\n' "$*"; }
 step "setup (dev extras)"
 EXTRAS=${EXTRAS:-dev} bash scripts/setup.sh
 
-step "browser for the site check"
-if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+step "browser and math renderer for the site check (Debian packages)"
+# chromium + chromedriver drive the site check; libjs-katex is the math renderer the docs build ships into docs/
+pkgs=()
+command -v chromium >/dev/null 2>&1 || pkgs+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || pkgs+=(chromium-driver)
+[ -f /usr/share/javascript/katex/katex.min.js ] || pkgs+=(libjs-katex)
+if [ ${#pkgs[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${pkgs[@]}" >/dev/null
 fi
 chromium --version
 
