@@ -369,3 +369,44 @@ def test_one_training_step_on_the_tiny_model():
     loss.backward()
     opt.step()
     assert not torch.equal(before, head.detach())
+
+
+# ------------------------------------------------------------------------------------------ ARES KL
+def test_ares_kl_against_naive_with_masked_garbage_and_needs():
+    g = torch.Generator().manual_seed(4)
+    lp = (-2 * torch.rand(3, 9, generator=g, dtype=F64)).requires_grad_()
+    ref = -2 * torch.rand(3, 9, generator=g, dtype=F64)
+    M = torch.rand(3, 9, generator=g) > 0.3
+    beta = se.ares_sequence_beta({"beta": {"easy": 2.0, "medium": 1.0, "hard": 0.5}}, ["easy", "medium", "hard"])
+    B = beta[:, None].expand(3, 9).clone()
+    loss, met = policy_loss("grpo", lp.masked_fill(~M, float("nan")), lp.detach(), torch.zeros(3, dtype=F64), M,
+                            ref_logp=ref.masked_fill(~M, float("inf")), regularizers={"ares_kl": {"coef": 1.0}},
+                            inputs={"ares_beta": B.masked_fill(~M, float("nan"))})
+    d = ref - lp
+    naive = (beta[:, None] * (d.exp() - d - 1).clamp(-10, 10) * M).sum(1) / M.sum(1)   # seq-mean-token-mean (grpo)
+    naive = naive[M.any(1)].mean()
+    assert abs(loss.item() - naive.item()) < 1e-14
+    g1, = torch.autograd.grad(loss, lp)
+    g2, = torch.autograd.grad(naive, lp)
+    assert torch.allclose(g1, g2, atol=1e-15) and (g1[~M] == 0).all()
+    assert REGULARIZERS.get("ares_kl").needs_for({}) == {"ref_logp", "ares_beta"}
+    with pytest.raises(ValueError, match="ares_beta"):
+        policy_loss("grpo", lp, lp.detach(), torch.zeros(3, dtype=F64), M, ref_logp=ref, regularizers={"ares_kl": {}})
+
+
+def test_ares_controller_bounds_interval_and_bad_input():
+    s = se.ares_kl_state()
+    for _ in range(12_000):     # a KL far above target: log β climbs 0.01 per counted call, capped at beta_max
+        s = se.ares_kl_update(s, ["medium"], torch.tensor([10.0], dtype=F64), beta_max=3.0)
+    assert s["beta"]["medium"] == pytest.approx(3.0) and s["beta"]["easy"] == 1.0 and s["calls"] == 12_000
+    changes = []
+    s = se.ares_kl_state()
+    for _ in range(300):
+        b = s["beta"]["easy"]
+        s = se.ares_kl_update(s, ["easy"], torch.tensor([0.05], dtype=F64))
+        changes.append(s["beta"]["easy"] != b)
+    assert [i + 1 for i, c in enumerate(changes) if c] == [100, 200, 300]   # only every 100th call counts
+    with pytest.raises(ValueError, match="difficulty labels"):
+        se.ares_kl_update(s, ["easy"], torch.zeros(2))
+    with pytest.raises(ValueError, match="groups of 4"):
+        se.ares_difficulty(torch.ones(6), 4)
