@@ -123,7 +123,7 @@ def test_quantities_registered_with_options():
 _MEMORY_CHILD = """
 import json, torch
 from entropy_rl.kernels import cpu_peak_memory_mb
-from entropy_rl.selective_entropy import nucleus_entropy_head, proxy_logp_head
+from entropy_rl.selective_entropy import nucleus_entropy_head, proxy_logp_head, proxy_kl_head
 n, d, v = 2048, 64, 32768
 g = torch.Generator().manual_seed(0)
 h = (2 * torch.randn(n, d, generator=g)).requires_grad_()
@@ -133,8 +133,8 @@ try:
     cpu_peak_memory_mb(lambda: None)
 except RuntimeError:
     print(json.dumps(None)); raise SystemExit
-def nucleus_fwd_bwd(rows=n):
-    nucleus_entropy_head(h[:rows], w, y[:rows], chunk_size=64).sum().backward()   # default top_p, top_k = 10,000
+def fwd_bwd(fn, rows=n):
+    fn(h[:rows], w, y[:rows], chunk_size=64).sum().backward()   # nucleus: default top_p, top_k = 10,000
     h.grad = w.grad = None
 def no_grad(fn, rows=n):
     with torch.no_grad():
@@ -142,16 +142,16 @@ def no_grad(fn, rows=n):
 def naive():
     with torch.no_grad():
         return torch.log_softmax(h @ w.T, -1)[:, 0]
-nucleus_fwd_bwd(128); no_grad(proxy_logp_head, 128)     # warm-up (a few blocks): allocator and autograd set-up
-out = [cpu_peak_memory_mb(nucleus_fwd_bwd)[0], cpu_peak_memory_mb(no_grad, proxy_logp_head)[0],
-       cpu_peak_memory_mb(naive)[0]]
+fwd_bwd(nucleus_entropy_head, 128); fwd_bwd(proxy_kl_head, 128); no_grad(proxy_logp_head, 128)   # warm-up
+out = [cpu_peak_memory_mb(fwd_bwd, nucleus_entropy_head)[0], cpu_peak_memory_mb(fwd_bwd, proxy_kl_head)[0],
+       cpu_peak_memory_mb(no_grad, proxy_logp_head)[0], cpu_peak_memory_mb(naive)[0]]
 print(json.dumps(out))
 """
 
 
 def test_quantities_peak_memory_far_below_logits():
-    # N = 2048, V = 32768: the fp32 logits alone take 256 MiB (forward + backward of the nucleus head under grad —
-    # its forward is the no-grad pass plus saved inputs — and the proxy's no-grad pass). Fresh process whose allocator returns freed blocks to
+    # N = 2048, V = 32768: the fp32 logits alone take 256 MiB. Measured: forward + backward of the nucleus-entropy and
+    # proxy-KL heads under grad (each forward is the no-grad pass plus saved inputs), the proxy log-prob's no-grad pass. Fresh process whose allocator returns freed blocks to
     # the OS (MALLOC_MMAP_THRESHOLD_), so the resident-size peak shows what the heads hold (as tests/test_kernels.py).
     logits_mb = 2048 * 32768 * 4 / 2**20
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "OMP_NUM_THREADS": "2"}
@@ -160,12 +160,12 @@ def test_quantities_peak_memory_far_below_logits():
     res = json.loads(r.stdout.strip().splitlines()[-1])
     if res is None:
         pytest.skip("no /proc/self/clear_refs on this system")
-    grad_mb, proxy_mb, naive_mb = res
+    grad_mb, kl_grad_mb, proxy_mb, naive_mb = res
     assert naive_mb > logits_mb, (naive_mb, logits_mb)          # the meter sees the logits when they exist
     assert proxy_mb < logits_mb / 8, res
     # forward + backward hold w.grad and the dW accumulator ([V, D]: 8 MiB each) and a few [64, V] blocks (8 MiB each:
     # logits, their exp, the top-k gradient scattered back); measured ≈ 52 MiB against 256 MiB of logits
-    assert grad_mb < logits_mb / 4, res
+    assert grad_mb < logits_mb / 4 and kl_grad_mb < logits_mb / 4, res
 
 
 # -------------------------------------------------------------------------------------------- SIREN
@@ -278,7 +278,7 @@ def test_lp_reg_spec_numbers_through_the_loss():
     lq = lq_row[[3] * 300 + [0] * 100].view(4, 100)
     M = torch.ones(4, 100, dtype=torch.bool)
     loss, met = policy_loss("lp_reg", lp, lp.detach(), -torch.ones(4, dtype=F64), M, proxy_logp=lq)
-    assert met["lp_reg/selected_frac"] == 4 / 400 and abs(met["lp_reg/k3_mean"] - 1.2584e-05) < 5e-9
+    assert met["lp_reg/selected_frac"] == 4 / 400 and abs(met["lp_reg/pull_mean"] - 1.2584e-05) < 5e-9
     g, = torch.autograd.grad(loss, lp)
     # d/dlogp of [-A r + k3] = A... on-policy: r = 1, dr/dlogp = 1 -> 1 - 0.005025 on the 4 selected, 1 elsewhere
     sel = (g - 1 / 400).abs() > 1e-12
@@ -300,12 +300,31 @@ def test_lp_reg_masked_positions_and_missing_proxy():
         policy_loss("lp_reg", lp, lp, adv, M)
 
 
+def test_lp_reg_fullvocab_inputs_and_needs():
+    g = torch.Generator().manual_seed(1)
+    lp = (-3 * torch.rand(2, 300, generator=g, dtype=F64)).requires_grad_()
+    M = torch.ones(2, 300, dtype=torch.bool)
+    adv = torch.tensor([-1.0, 1.0], dtype=F64)
+    kl = 0.1 * torch.rand(2, 300, generator=g, dtype=F64)
+    with pytest.raises(ValueError, match="proxy_kl must carry gradient"):
+        policy_loss("lp_reg_fullvocab", lp, lp.detach(), adv, M, proxy_logp=lp.detach() + 1, proxy_kl=kl)
+    with pytest.raises(ValueError, match="proxy_kl"):
+        policy_loss("lp_reg_fullvocab", lp, lp.detach(), adv, M, proxy_logp=lp.detach() + 1)
+    klg = kl.clone().requires_grad_()
+    loss, met = policy_loss("lp_reg_fullvocab", lp, lp.detach(), adv, M, proxy_logp=lp.detach() + 1, proxy_kl=klg)
+    (gk,) = torch.autograd.grad(loss, klg)
+    assert int((gk != 0).sum()) == 3 and (gk[1] == 0).all()      # N- = 300, rho = 0.01 -> 3 tokens of the negative row
+    assert LOSSES.get("lp_reg_fullvocab").needs_for({}) == {"proxy_logp", "proxy_kl"}
+    assert LOSSES.options("lp_reg_fullvocab")["min_p"] == LOSSES.options("lp_reg")["min_p"] == 0.02
+
+
 def test_lp_reg_bad_options_refused():
     for bad, msg in [({"min_p": 1.0}, "min_p"), ({"rho": -0.1}, "rho"), ({"beta": -1.0}, "beta"),
                      ({"clip_low": 1.5}, "clip_low"), ({"clip_high": -1.0}, "clip_high"), ({"dual_clip": 1.0}, "dual_clip"),
                      ({"rho": "a"}, "rho")]:
-        with pytest.raises(ValueError, match=msg):
-            check_loss_options("lp_reg", bad)
+        for name in ("lp_reg", "lp_reg_fullvocab"):
+            with pytest.raises(ValueError, match=msg):
+                check_loss_options(name, bad)
 
 
 # --------------------------------------------------------------------------------------- SPINE band
@@ -336,7 +355,8 @@ def test_spine_band_bad_options():
 
 
 # ------------------------------------------------------------------------------ one step, tiny model
-def test_one_training_step_on_the_tiny_model():
+@pytest.mark.parametrize("algo", ["lp_reg", "lp_reg_fullvocab"])
+def test_one_training_step_on_the_tiny_model(algo):
     from entropy_rl.models import tiny_model
     from entropy_rl.kernels import fused_logprob_entropy
     from entropy_rl.trainer import _response_hidden
@@ -354,7 +374,7 @@ def test_one_training_step_on_the_tiny_model():
         hid = _response_hidden(model, ids, attn, T).reshape(B * T, -1)
         old_lp, _ = fused_logprob_entropy(hid, head, labels)
         H_old = se.nucleus_entropy_head(hid, head, labels, top_p=0.8).view(B, T)
-        proxy = se.proxy_logp_head(hid, head, labels, min_p=0.02).view(B, T)
+        proxy = se.proxy_logp_head(hid, head, labels, min_p=0.3).view(B, T)   # a flat random model: filter enough to matter
     anchor = se.siren_anchor(H_old, mask) + 0.3            # off its anchor, so the term has a gradient
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     before = head.detach().clone()
@@ -362,10 +382,11 @@ def test_one_training_step_on_the_tiny_model():
     lp, H = fused_logprob_entropy(hid, head, labels)
     Hn = se.nucleus_entropy_head(hid, head, labels, top_p=0.8).view(B, T)
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    loss, met = policy_loss("lp_reg", lp.view(B, T), old_lp.view(B, T), adv, mask, proxy_logp=proxy, rho=0.5,
+    extra = {"proxy_kl": se.proxy_kl_head(hid, head, labels, min_p=0.3).view(B, T)} if algo == "lp_reg_fullvocab" else {}
+    loss, met = policy_loss(algo, lp.view(B, T), old_lp.view(B, T), adv, mask, proxy_logp=proxy, rho=0.5, min_p=0.3, **extra,
                             entropy=H.view(B, T), regularizers={"siren": {"coef": 1.0}, "spine_band": {}},
                             inputs={"nucleus_entropy": Hn, "siren_anchor": anchor})
-    assert torch.isfinite(loss) and met["reg/siren"] > 0 and "spine/forking_frac" in met
+    assert torch.isfinite(loss) and met["reg/siren"] > 0 and "spine/forking_frac" in met and met["lp_reg/selected_frac"] > 0
     loss.backward()
     opt.step()
     assert not torch.equal(before, head.detach())
