@@ -90,6 +90,21 @@ def test_quantities_accumulate_in_fp32(dtype):
     assert torch.allclose(H.double(), naive_nucleus(h, w, y, 1.0, 0.8, 10_000), atol=1e-4)
 
 
+def test_bf16_gradients_reach_the_weight_through_its_fp32_copy():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(20, 8, generator=g).bfloat16().requires_grad_()
+    w = (0.5 * torch.randn(50, 8, generator=g)).bfloat16().requires_grad_()
+    y = torch.randint(0, 50, (20,), generator=g)
+    for head in (se.nucleus_entropy_head, se.proxy_kl_head):
+        h.grad = w.grad = None
+        head(h, w, y, chunk_size=3).sum().backward()
+        h2, w2 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        head(h2, w2, y, chunk_size=100).sum().backward()
+        assert h.grad.dtype == w.grad.dtype == torch.bfloat16
+        for a, b in ((h.grad, h2.grad), (w.grad, w2.grad)):
+            assert (a.double() - b).abs().max() <= 1e-2 * b.abs().max(), (a, b)   # bf16 rounding of the gradient
+
+
 def test_quantity_heads_refuse_bad_input_before_work():
     h, w, y = case()
     for kw, err, msg in [(dict(top_p=0.0), ValueError, "top_p"), (dict(top_k=0), ValueError, "top_k"),
