@@ -210,6 +210,9 @@ def policy_loss(name: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, m
     if not m.any():   # documented: nothing to learn -> exactly 0, still connected to logp's graph
         return lp.sum() * 0.0, {"loss": 0.0, "pg_loss": 0.0, "n_tokens": 0, "n_loss_tokens": 0}
     own = {k: opts[k] for k in spec.defaults if k not in COMMON_OPTIONS}
+    for k, v in (opts["inputs"] or {}).items():   # a declared per-token quantity reaches a loss option of its name
+        if k in own and own[k] is None:
+            own[k] = v
     per_token, metrics = spec.fn(lp, olp, adv, m, ent, **own)
     if opts["token_weights"] is not None:
         w = opts["token_weights"]
@@ -286,8 +289,9 @@ def _probe_inputs(needs, B: int, T: int) -> dict:
 def check_loss_options(name: str, options: dict | None = None) -> dict:
     """Validate a loss configuration before any model exists: name, option names and kinds, and a dry run of the
     loss on a tiny batch (so values the loss refuses when called fail now). Per-call tensors are refused here."""
+    from entropy_rl.registry import QUANTITIES
     options = dict(options or {})
-    given = sorted(set(options) & set(INPUT_OPTIONS))
+    given = sorted(set(options) & (set(INPUT_OPTIONS) | set(QUANTITIES.names())))
     if given:
         raise ValueError(f"loss option(s) {given} are tensors the trainer computes per step, not settings; "
                          "use kl_coef for a reference KL, and the stage registries for the rest")

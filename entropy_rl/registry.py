@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 # %% auto #0
-__all__ = ['MECHANISM_MODULES', 'QUANTITIES', 'Entry', 'Registry', 'load_mechanisms']
+__all__ = ['MECHANISM_MODULES', 'QUANTITIES', 'RUN_VALUES', 'Entry', 'Registry', 'load_mechanisms']
 
 # %% ../nbs/04a_registry.ipynb #741f0725
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class Entry:
     doc: str = ""                                    # one line
     needs: Any = frozenset()                         # set of quantity names, or a function of the options -> set
     check: Callable | None = None                    # check(options) raises ValueError on a bad value
+    meta: dict = field(default_factory=dict)         # stage-specific facts (QUANTITIES: {"grad": True} = with gradient)
 
     def needs_for(self, options: dict) -> frozenset:
         "The quantities this entry needs under `options` (defaults filled in)."
@@ -46,11 +47,11 @@ class Registry:
         self.stage, self.modules, self._entries, self._loaded = stage, tuple(modules), {}, False
 
     def register(self, name: str, fn: Callable, defaults: dict | None = None, doc: str = "", *,
-                 needs=frozenset(), check: Callable | None = None) -> Entry:
+                 needs=frozenset(), check: Callable | None = None, meta: dict | None = None) -> Entry:
         "Add (or replace) an entry; returns it."
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"{self.stage} name must be an identifier, got {name!r}")
-        e = Entry(name, fn, dict(defaults or {}), doc, needs if callable(needs) else frozenset(needs), check)
+        e = Entry(name, fn, dict(defaults or {}), doc, needs if callable(needs) else frozenset(needs), check, dict(meta or {}))
         self._entries[name] = e
         return e
 
@@ -106,8 +107,9 @@ class Registry:
         return f"Registry({self.stage!r}, {self.names()})"
 
 # %% ../nbs/04a_registry.ipynb #86790de0
-MECHANISM_MODULES: tuple = ("entropy_rl.reweighting", "entropy_rl.advantage_estimation")   # chapters' modules that register stage entries (imported on first use)
+MECHANISM_MODULES: tuple = ("entropy_rl.reweighting", "entropy_rl.advantage_estimation", "entropy_rl.selective_entropy")   # chapters' modules that register stage entries (imported on first use)
 QUANTITIES = Registry("per-token quantity")
+RUN_VALUES = Registry("run value")
 
 def load_mechanisms() -> None:
     "Import every module of MECHANISM_MODULES once (their registrations run on import)."

@@ -14,7 +14,7 @@ from .kernels import _check_inputs, _compute_dtype
 from .clipping import clipped_surrogate_loss
 from .ratios import token_ratios
 from .losses import register_loss, register_regularizer, apply_dual_clip, _ratio_metrics
-from .registry import QUANTITIES
+from .registry import QUANTITIES, RUN_VALUES
 
 # %% auto #0
 __all__ = ['ARES_BUCKETS', 'ARES_KL_DEFAULTS', 'rowwise_head', 'topk_nucleus_entropy', 'nucleus_entropy_head',
@@ -121,13 +121,15 @@ def _check_nucleus_options(o: dict) -> None:
 
 QUANTITIES.register("nucleus_entropy", nucleus_entropy_head, dict(top_p=0.8, top_k=10_000, chunk_size=256),
                     "SIREN's top-p entropy of the top-k logits (strict nucleus), row-chunked",
-                    check=lambda o: (_check_nucleus_options(o), _check_positive_int(o["chunk_size"], "chunk_size")))
+                    check=lambda o: (_check_nucleus_options(o), _check_positive_int(o["chunk_size"], "chunk_size")),
+                    meta={"grad": True})   # SIREN differentiates it: the trainer computes it in the training forward
 QUANTITIES.register("proxy_logp", proxy_logp_head, dict(min_p=0.02, chunk_size=256),
                     "Lp-Reg's min-p proxy log-prob of the sampled token, row-chunked",
                     check=lambda o: (_check_min_p(o["min_p"]), _check_positive_int(o["chunk_size"], "chunk_size")))
 QUANTITIES.register("proxy_kl", proxy_kl_head, dict(min_p=0.02, chunk_size=256),
                     "KL(min-p truncation of the policy || policy) per token, with gradient, row-chunked",
-                    check=lambda o: (_check_min_p(o["min_p"]), _check_positive_int(o["chunk_size"], "chunk_size")))
+                    check=lambda o: (_check_min_p(o["min_p"]), _check_positive_int(o["chunk_size"], "chunk_size")),
+                    meta={"grad": True})
 
 # %% ../nbs/19_selective_entropy.ipynb #b55fa5a1
 def siren_peak_mask(h: Tensor, mask: Tensor, mask_ratio: float = 0.8) -> Tensor:
@@ -193,6 +195,9 @@ register_regularizer("siren", _siren, dict(coef=0.005, anchor=None, mask_ratio=0
                      "SIREN: coef * (H̄ - anchor)^2, H̄ the nucleus entropy of each response's top-20% tokens",
                      needs=lambda o: {"nucleus_entropy"} | ({"siren_anchor"} if o["anchor"] is None else set()),
                      check=_check_siren)
+RUN_VALUES.register("siren_anchor", lambda batch, *, mask_ratio: siren_anchor(batch["nucleus_entropy"], batch["mask"], mask_ratio),
+                    dict(mask_ratio=0.8), "SIREN's anchor: H̄ of the old-policy nucleus entropy over the run's first step",
+                    needs={"nucleus_entropy", "mask"})
 
 # %% ../nbs/19_selective_entropy.ipynb #91f27a43
 def clamped_k3(delta: Tensor) -> Tensor:

@@ -30,15 +30,15 @@ from .distributed import (SCOPES, all_reduce, full_state, gather_rows, gathered_
 from .losses import (INPUT_OPTIONS, REGULARIZERS, check_loss_options, list_losses, loss_needs,
                                loss_options, policy_loss)
 from .advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
-from .registry import QUANTITIES
+from .registry import QUANTITIES, RUN_VALUES
 from .rollout import SAMPLERS
 
 # %% auto #0
-__all__ = ['RESUMABLE_CHANGES', 'PLOT_KEYS', 'TrainConfig', 'merge_config', 'list_recipes', 'load_recipe', 'recipe_description',
-           'policy_logprobs_and_entropy', 'PolicyScorer', 'build_model', 'build_task', 'rollout_metrics', 'StepBatch',
-           'reduce_update_metrics', 'StepPipeline', 'plot_pipeline', 'save_checkpoint', 'latest_checkpoint',
-           'load_weights', 'load_checkpoint', 'read_metrics', 'plot_metrics', 'tis_weights', 'TrainResult', 'Trainer',
-           'train', 'pass_at_k', 'evaluate']
+__all__ = ['PROVIDED_NEEDS', 'RESUMABLE_CHANGES', 'PLOT_KEYS', 'TrainConfig', 'merge_config', 'list_recipes', 'load_recipe',
+           'recipe_description', 'policy_logprobs_and_entropy', 'PolicyScorer', 'build_model', 'build_task',
+           'rollout_metrics', 'StepBatch', 'reduce_update_metrics', 'StepPipeline', 'plot_pipeline', 'save_checkpoint',
+           'latest_checkpoint', 'load_weights', 'load_checkpoint', 'read_metrics', 'plot_metrics', 'tis_weights',
+           'TrainResult', 'Trainer', 'train', 'pass_at_k', 'evaluate']
 
 # %% ../nbs/11_trainer.ipynb #5202210d
 _CHOICES = {
@@ -147,11 +147,32 @@ class TrainConfig:
             adv["normalize_std"] = False
         self.advantage_options = ADVANTAGES.resolve(self.advantage, adv)
         self.regularizers = {n: REGULARIZERS.resolve(n, o) for n, o in self.regularizers.items()}
+        for stage, need in self.needs().items():
+            missing = sorted(set(need) - PROVIDED_NEEDS - set(QUANTITIES.names()) - set(RUN_VALUES.names()))
+            if missing:
+                raise ValueError(f"the {stage} stage as configured needs {missing}, which the trainer does not compute "
+                                 f"(it provides {sorted(PROVIDED_NEEDS)}, the per-token quantities {QUANTITIES.names()} and the run values "
+                                 f"{RUN_VALUES.names()})")
 
     def _regularizer_terms(self) -> dict:
         "The loss options that switch on the configured regularizers (the reference KL included)."
         out = {"regularizers": dict(self.regularizers)} if self.regularizers else {}
         return {**out, "kl_coef": float(self.kl_coef)} if self.kl_coef else out
+
+    def _options_by_name(self, entry) -> dict:
+        "An entry's options filled from the loss configuration's options of the same names (else its defaults)."
+        opts = {**self.loss_options, **{k: v for o in self.regularizers.values() for k, v in o.items()}}
+        return {k: opts.get(k, d) for k, d in entry.defaults.items()}
+
+    def run_value_options(self) -> dict:
+        "The declared run values (`RUN_VALUES`: one number per run, from its first step), with their options."
+        names = sorted(set().union(*self.needs().values()) & set(RUN_VALUES.names()))
+        return {n: self._options_by_name(RUN_VALUES.get(n)) for n in names}
+
+    def quantity_options(self) -> dict:
+        "The declared per-token quantities (by the stages, or by the run values they need), with their options."
+        wanted = set().union(*self.needs().values(), *[RUN_VALUES.get(n).needs_for(o) for n, o in self.run_value_options().items()])
+        return {n: self._options_by_name(QUANTITIES.get(n)) for n in sorted(wanted & set(QUANTITIES.names()))}
 
     def needs(self) -> dict:
         """What each stage declared it needs computed, by stage: the trainer computes exactly the union."""
@@ -240,6 +261,10 @@ def _coerce(cls, key: str, value: Any) -> Any:
         raise ValueError(f"{key}={value!r} is not a valid {kind}") from None
     return value
 
+# what the trainer computes for a stage that declares it (besides the registered per-token QUANTITIES)
+PROVIDED_NEEDS = frozenset({"entropy", "old_entropy", "old_logp", "ref_logp", "segment_ids", "generator", "lengths", "mask",
+                            "scores", "response_ids", "max_new_tokens", "step", "texts"})
+
 def _settable(resolved: dict, given: dict) -> dict:
     "A loss's resolved options without the per-call tensors and the top-level terms (what a config records)."
     return {k: v for k, v in resolved.items()
@@ -285,13 +310,14 @@ def _response_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 def policy_logprobs_and_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                 response_mask: torch.Tensor, temperature: float = 1.0,
-                                fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                                fused: bool = True, quantities: dict | None = None) -> tuple:
     """Log-probs of the response tokens and the policy entropy at each response position.
 
     `input_ids` = prompt ⊕ response (the response is the last `T = response_mask.shape[1]` columns).
     Runs the decoder to its last hidden states, then the output head: the fused kernel when
     `fused`, else full logits through `entropy_rl.entropy`. Returns fp32 ([B, T], [B, T]), zero
-    where `response_mask` is 0."""
+    where `response_mask` is 0. With `quantities` ({name: options} of `entropy_rl.registry.QUANTITIES`) it also
+    returns {name: [B, T]} computed from the same hidden states (with gradient when the caller has it on)."""
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids and attention_mask must be [B, L] of one shape, got "
                          f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
@@ -314,7 +340,14 @@ def policy_logprobs_and_entropy(model, input_ids: torch.Tensor, attention_mask: 
         logp = logprobs_from_logits(logits, labels, temperature)
         H = entropy_from_logits(logits, temperature)
     zero = torch.zeros((), dtype=torch.float32, device=logp.device)
-    return torch.where(mask, logp.float(), zero), torch.where(mask, H.float(), zero)
+    out = (torch.where(mask, logp.float(), zero), torch.where(mask, H.float(), zero))
+    if quantities is None:
+        return out
+    from entropy_rl.registry import QUANTITIES
+    flat, flat_labels = hidden.reshape(B * T, -1), labels.masked_fill(~mask, -100).reshape(-1)
+    extra = {n: torch.where(mask, QUANTITIES.get(n).fn(flat, head.weight, flat_labels, temperature, **o).view(B, T).float(), zero)
+             for n, o in quantities.items()}
+    return (*out, extra)
 
 class PolicyScorer(torch.nn.Module):
     """The policy behind the one forward the loss uses: (input_ids, attention_mask, response_mask) → (log-probs, entropy).
@@ -327,8 +360,10 @@ class PolicyScorer(torch.nn.Module):
         # on, or FSDP wraps only this root and gathers the whole model at every forward
         self._no_split_modules = getattr(policy, "_no_split_modules", None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor):
-        return policy_logprobs_and_entropy(self.policy, input_ids, attention_mask, response_mask, self.temperature, self.fused)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
+                quantities: dict | None = None):
+        return policy_logprobs_and_entropy(self.policy, input_ids, attention_mask, response_mask, self.temperature,
+                                           self.fused, quantities)
 
 # %% ../nbs/11_trainer.ipynb #466b488b
 def build_model(config: TrainConfig):
@@ -637,7 +672,9 @@ class StepPipeline:
         batch.old_logp = torch.zeros(batch.mask.shape, dtype=torch.float32, device=dev)
         batch.entropy = torch.zeros_like(batch.old_logp)
         early = (needs["advantage"] | needs["group_filter"] | needs["reward_shaping"]) & {"old_logp", "entropy"}
-        quantities = sorted(needs["loss"] & set(QUANTITIES.names()))
+        pending = {n: o for n, o in self.config.run_value_options().items() if n not in self.run_values}
+        for_values = set().union(*[RUN_VALUES.get(n).needs_for(o) for n, o in pending.items()])
+        quantities = sorted(n for n in self.quantities if not QUANTITIES.get(n).meta.get("grad") or n in for_values)
         rows = torch.ones(B, dtype=torch.bool)
         if not early and not quantities:
             rows[first_minibatch] = False
@@ -652,11 +689,23 @@ class StepPipeline:
                 batch.quantities = self._quantities(batch, quantities, chunks)
             if "ref_logp" in needs["loss"]:
                 batch.ref_logp = self._reference_logp(batch, chunks or [torch.arange(B)])
+        if pending:
+            self._take_run_values(batch, pending)
         if "segment_ids" in set().union(*needs.values()):
             from entropy_rl.ratios import delimiter_ids_from_tokenizer, segment_ids_from_delimiters
             if getattr(self, "_delimiters", None) is None:
                 self._delimiters = delimiter_ids_from_tokenizer(self.tokenizer)
             batch.segment_ids = segment_ids_from_delimiters(batch.response_ids, self._delimiters, batch.mask)
+
+    def _take_run_values(self, batch: StepBatch, pending: dict) -> None:
+        "The run values not taken yet, from this step's whole batch (every process's rows)."
+        width = int(all_reduce(torch.tensor(batch.mask.shape[1], device=self.accelerator.device), "max"))
+        g = lambda x, pad=0: gather_rows(x, width, pad) if torch.is_tensor(x) and x.dim() in (1, 2) else x
+        view = {"mask": g(batch.mask, False), "lengths": g(batch.lengths), "scores": g(batch.scores),
+                "entropy": g(batch.entropy), "old_logp": g(batch.old_logp), "step": batch.step,
+                **{n: g(q) for n, q in batch.quantities.items()}}
+        for n, o in pending.items():
+            self.run_values[n] = float(RUN_VALUES.get(n).fn(view, **o))
 
     def _reference_logp(self, batch: StepBatch, chunks) -> torch.Tensor:
         "Log-probs of the sampled tokens under the frozen reference: the initial weights (LoRA: the adapter switched off)."
@@ -678,7 +727,6 @@ class StepPipeline:
         states and output head, chunk by chunk; each takes the options of the same name the loss configuration sets."""
         c, dev = self.config, self.accelerator.device
         T = batch.mask.shape[1]
-        opts = {**self.config.loss_options, **{k: v for o in self.config.regularizers.values() for k, v in o.items()}}
         out = {n: torch.zeros(batch.mask.shape, dtype=torch.float32, device=dev) for n in names}
         with torch.no_grad(), self.accelerator.autocast(), self._full_params():
             head = self.unwrapped.get_output_embeddings().weight
@@ -689,7 +737,7 @@ class StepPipeline:
                 labels = batch.response_ids[i].masked_fill(~batch.mask[i], -100).reshape(-1)
                 for n in names:
                     e = QUANTITIES.get(n)
-                    q = e.fn(flat, head, labels, c.temperature, **{k: opts.get(k, d) for k, d in e.defaults.items()})
+                    q = e.fn(flat, head, labels, c.temperature, **self.quantities[n])
                     out[n][i] = torch.where(batch.mask[i], q.view(len(i), T).float(), torch.zeros((), device=dev))
         return out
 
@@ -699,15 +747,17 @@ class StepPipeline:
         return ADVANTAGES.get(c.advantage).fn(batch.rewards, c.group_size, batch, **c.advantage_options)
 
     # ---- update ------------------------------------------------------------------------------------------------
-    def _loss_inputs(self, batch: StepBatch, micro, H: torch.Tensor) -> dict:
-        "What the loss declared it needs, for one micro-batch (the current entropy carries its gradient)."
+    def _loss_inputs(self, batch: StepBatch, micro, H: torch.Tensor, current: dict) -> dict:
+        """What the loss declared it needs, for one micro-batch: the current entropy and the current-policy quantities
+        (`current`) carry their gradient; old-policy quantities come from the score phase."""
         need, out = self.needs["loss"], {}
         if "entropy" in need: out["entropy"] = H
         if "old_entropy" in need: out["old_entropy"] = batch.entropy[micro]
         if "ref_logp" in need: out["ref_logp"] = batch.ref_logp[micro]
         if "segment_ids" in need: out["segment_ids"] = batch.segment_ids[micro]
         if "generator" in need: out["generator"] = self.generators["loss"]
-        if batch.quantities: out["inputs"] = {n: q[micro] for n, q in batch.quantities.items()}
+        if batch.quantities or current or self.run_values:
+            out["inputs"] = {**{n: q[micro] for n, q in batch.quantities.items()}, **current, **self.run_values}
         if self.config.tis_cap is not None:
             out["token_weights"] = tis_weights(batch.old_logp[micro], batch.sample_logp[micro], batch.mask[micro],
                                                self.config.tis_cap)
@@ -717,18 +767,21 @@ class StepPipeline:
         "Epochs × minibatches × micro-batches of the loss; returns the reduced update metrics."
         c, acc = self.config, self.accelerator
         options = {**c.loss_options, **c._regularizer_terms()}
+        grad_q = {n: o for n, o in self.quantities.items() if QUANTITIES.get(n).meta.get("grad")}
         records, grad_norms, losses, n_tokens = [], [], [], 0
         for epoch, order in enumerate(orders):
             for mbi, mb in enumerate(order.tensor_split(c.minibatches)):
                 for micro in mb.tensor_split(c.grad_accum):
                     micro = micro.to(acc.device)
                     with acc.accumulate(self.model):
-                        logp, H = self._forward(batch.ids[micro], batch.attn[micro], batch.mask[micro])
+                        logp, H, *current = self._forward(batch.ids[micro], batch.attn[micro], batch.mask[micro],
+                                                          grad_q or None)
+                        current = current[0] if current else {}
                         if epoch == 0 and mbi == 0 and not self._old_scored:
                             batch.old_logp[micro], batch.entropy[micro] = logp.detach(), H.detach()
                         loss, lm = global_policy_loss(c.algo, logp, batch.old_logp[micro], batch.advantages[micro],
                                                       batch.mask[micro], scope=c.batch_scope, check=False,
-                                                      **options, **self._loss_inputs(batch, micro, H))
+                                                      **options, **self._loss_inputs(batch, micro, H, current))
                         acc.backward(loss)
                         if acc.sync_gradients:
                             grad_norms.append(float(acc.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)))
@@ -745,6 +798,7 @@ class StepPipeline:
         if self.world_size > 1:        # global scope: identical on every process already; local scope: the mean
             out = mean_across(out)
             n_tokens = int(all_reduce(torch.tensor(n_tokens, device=acc.device)))
+        out.update({f"run/{k}": v for k, v in self.run_values.items()})
         return {**out, "grad_norm": sum(grad_norms) / max(1, len(grad_norms)), "_train_tokens": n_tokens}
 
     # ---- metrics -----------------------------------------------------------------------------------------------
@@ -1029,6 +1083,8 @@ class Trainer(StepPipeline):
         self.tokenizer = tokenizer
         self.task = build_task(c)
         self.needs = c.needs()
+        self.quantities = c.quantity_options()      # {name: options}: the per-token quantities the stages declared
+        self.run_values = {}                         # RUN_VALUES taken at the run's first step (checkpointed)
         # the frozen reference of the KL term: the initial weights (with LoRA, the base model with the adapter off)
         self.reference = None
         if "ref_logp" in self.needs["loss"] and not c.lora_rank:
@@ -1064,9 +1120,9 @@ class Trainer(StepPipeline):
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def _forward(self, ids, attn, mask):
+    def _forward(self, ids, attn, mask, quantities: dict | None = None):
         with self.accelerator.autocast():
-            return self.model(ids, attn, mask)
+            return self.model(ids, attn, mask, quantities)
 
     def _full_params(self):
         "The whole weights on every process for generation (FSDP gathers its shards; otherwise nothing to do)."

@@ -27,11 +27,18 @@ def batch(seed=0, dtype=torch.float64):
 
 
 def extra(name, mask):
-    kw = {}
-    if name == "sspo":
+    "What loss `name` declares it needs besides entropy: segment ids, a generator, per-token quantities (in inputs=)."
+    from entropy_rl.losses import loss_needs
+    kw, need = {}, loss_needs(name) - {"entropy", "old_entropy"}
+    if "segment_ids" in need:
         kw["segment_ids"] = token_segment_ids(mask)
-    if name == "clip_cov":
+    if "generator" in need:
         kw["generator"] = torch.Generator().manual_seed(0)
+    rest = sorted(need - {"segment_ids", "generator"})
+    if rest:       # per-token quantities: a plausible log-prob-like value; current-policy ones as leaves with gradient
+        from entropy_rl.registry import QUANTITIES
+        kw["inputs"] = {n: torch.full(tuple(mask.shape), -1.0, dtype=torch.float64,
+                                      requires_grad=bool(QUANTITIES.get(n).meta.get("grad"))) for n in rest}
     return kw
 
 
