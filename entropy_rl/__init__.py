@@ -13,7 +13,9 @@ _LAZY = {  # name -> module that defines it
     "evaluate": "trainer", "read_metrics": "trainer", "plot_metrics": "trainer",
     "load_model": "models", "tiny_model": "models",
     "ArithmeticTask": "tasks", "load_jsonl_task": "tasks", "grade": "tasks",
-    "policy_loss": "losses", "list_losses": "losses",
+    "policy_loss": "losses", "list_losses": "losses", "list_regularizers": "losses",
+    "list_advantages": "advantages", "list_reward_shapers": "advantages", "list_group_filters": "advantages",
+    "list_samplers": "rollout", "list_recipes": "trainer", "load_recipe": "trainer", "plot_pipeline": "trainer",
     "fused_logprob_entropy": "kernels",
     "entropy_from_logits": "entropy", "logprobs_from_logits": "entropy",
 }
