@@ -393,21 +393,44 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not written its name yet"
+            msg = self._busy(fd)
             os.close(fd)
-            raise RunDirLocked(f"{self.path.parent} is being written by another process ({holder}); wait for it to "
-                               "finish or stop it, or use another output_dir") from None
+            raise RunDirLocked(msg) from None
         except OSError as e:
             os.close(fd)
             raise RunDirLocked(f"cannot lock {self.path} ({e}); this filesystem does not support flock, so use an "
                                "output_dir on a local or NFSv4 filesystem") from None
-        self.stale = os.pread(fd, 4096, 0).decode(errors="replace").strip() or None
-        info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        os.ftruncate(fd, 0); os.pwrite(fd, info.encode(), 0); os.fsync(fd)
         self.fd = fd
+        try:
+            self.stale = os.pread(fd, 4096, 0).decode(errors="replace").strip() or None
+            info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            os.ftruncate(fd, 0); os.pwrite(fd, info.encode(), 0); os.fsync(fd)
+        except BaseException:
+            self.release()
+            raise
         if self.stale:
             _report(f"took over the lock of {self.path.parent}: its holder ({self.stale}) is no longer running")
         return self
+
+    def check_free(self) -> None:
+        "Raise RunDirLocked, naming the holder, if a live process holds the lock now; takes nothing and writes nothing."
+        if self.held or not self.path.is_file():
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            raise RunDirLocked(self._busy(fd)) from None
+        except OSError:
+            pass                                    # no flock here: acquire() says so
+        finally:
+            os.close(fd)
+
+    def _busy(self, fd: int) -> str:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not written its name yet"
+        return (f"{self.path.parent} is being written by another process ({holder}); wait for it to finish or stop it, "
+                "or use another output_dir")
 
     def release(self) -> None:
         if self.fd is not None:

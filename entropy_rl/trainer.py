@@ -414,8 +414,9 @@ class Trainer:
         if use_cpu and c.mixed_precision == "fp16":
             raise ValueError("mixed_precision='fp16' needs a CUDA device and this run is on the CPU; use 'no' or 'bf16'")
         self.run_dir, self.step, self._lock = check_output_dir(c.output_dir), 0, None
+        RunLock(self.run_dir).check_free()    # before the model loads: another live writer stops this one at once
         if c.resume:
-            self._check_resumable()       # before the model loads
+            self._check_resumable()
         mp = c.mixed_precision if c.mixed_precision != "auto" else ("no" if use_cpu else "bf16")
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=mp, gradient_accumulation_steps=c.grad_accum)
         _warn_if_fsdp_ignored(self.accelerator)
@@ -589,11 +590,11 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return out
 
-    def _hold_lock(self) -> None:
-        """Process 0 locks the run directory (`RunLock`) unless it holds the lock already; if it cannot, every process
-        stops with the holder named (a collective under several processes)."""
+    def _hold_lock(self) -> bool:
+        """Process 0 locks the run directory (`RunLock`) unless it holds the lock already (returns whether it took it
+        now); if it cannot, every process stops with the holder named (a collective under several processes)."""
         if getattr(self, "_locked", False):
-            return
+            return False
         err = None
         if self.is_main:
             try:
@@ -607,6 +608,7 @@ class Trainer:
         if err is not None:
             raise err
         self._locked = True
+        return True
 
     def _release_lock(self) -> None:
         if self._lock is not None:
@@ -672,19 +674,24 @@ class Trainer:
         """Continue from the newest intact checkpoint of the run directory (damaged newer ones are reported and set aside
         as `damaged-step-N`); a checkpoint of another config is refused before anything changes. Cuts metrics.jsonl back
         to the checkpoint's step (atomically). Holds the run directory's lock."""
-        self._hold_lock()
-        ck, state, weights = self._latest_checkpoint_everywhere()
-        if ck is None:
-            self._check_config_json()
-            self.step = 0
-        else:
-            self.step = load_checkpoint(ck, self.unwrapped, self.optimizer, self.scheduler, self.generators,
-                                        self.config, restore=self._restore, loaded=(state, weights))
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            for p in set_aside(self._damaged):
-                _report(f"set the damaged checkpoint aside as {p}; delete it when you no longer need it")
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        took = self._hold_lock()
+        try:
+            ck, state, weights = self._latest_checkpoint_everywhere()
+            if ck is None:
+                self._check_config_json()
+                self.step = 0
+            else:
+                self.step = load_checkpoint(ck, self.unwrapped, self.optimizer, self.scheduler, self.generators,
+                                            self.config, restore=self._restore, loaded=(state, weights))
+            self.accelerator.wait_for_everyone()
+            if self.is_main:
+                for p in set_aside(self._damaged):
+                    _report(f"set the damaged checkpoint aside as {p}; delete it when you no longer need it")
+                _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        except BaseException:
+            if took:
+                self._release_lock()
+            raise
         return self.step
 
     def evaluate(self, n_problems: int | None = None, k: int = 1) -> dict:
