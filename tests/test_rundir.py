@@ -72,11 +72,17 @@ def test_planted_pickle_is_refused_and_does_not_run(tmp_path, capsys):
 
 
 def test_checkpoint_outside_the_run_is_not_read(tmp_path):
-    """Fault 1 (pointer out of the run): a `step-N` that is a link to a checkpoint elsewhere is skipped, never read."""
+    """Fault 1 (pointer out of the run): a `latest` file naming an absolute path elsewhere is not followed (the run is
+    refused as the old format), and a `step-N` that is a link to a checkpoint elsewhere is skipped, never read."""
     elsewhere, run = tmp_path / "elsewhere", tmp_path / "run"
     train(steps=2, output_dir=str(elsewhere), **TINY, reward_fn=odd_length)
     train(steps=1, output_dir=str(run), **TINY, reward_fn=odd_length)
-    (run / "checkpoints" / "step-000002").symlink_to(latest_checkpoint(elsewhere))
+    outside = latest_checkpoint(elsewhere)
+    (run / "checkpoints" / "latest").write_text(str(outside))
+    with pytest.raises(ValueError, match="older entropy_rl"):
+        Trainer(dict(TINY, steps=3, output_dir=str(run)), reward_fn=odd_length).resume()
+    (run / "checkpoints" / "latest").unlink()
+    (run / "checkpoints" / "step-000002").symlink_to(outside)
     assert latest_checkpoint(run).name == "step-000001"
     assert Trainer(dict(TINY, steps=3, output_dir=str(run)), reward_fn=odd_length).resume() == 1
 
