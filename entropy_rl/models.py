@@ -191,9 +191,9 @@ _WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "tf_model.h5", "flax_model.ms
 def _check_model_dir(path: Path) -> None:
     "A local model directory holds a config (or a LoRA adapter config) and weights; say what is missing before loading."
     if not (path/"config.json").is_file() and not (path/"adapter_config.json").is_file():
-        raise ModelLoadError(f"model directory {path} has no config.json: it is not a saved transformers model")
+        raise ModelLoadError(f"Could not load a model from {path}: it has no config.json (not a saved transformers model)")
     if not any(next(path.glob(pat), None) for pat in _WEIGHTS):
-        raise ModelLoadError(f"model directory {path} holds no weights (no *.safetensors or pytorch_model*.bin file): "
+        raise ModelLoadError(f"Could not load a model from {path}: it holds no weights (no *.safetensors or pytorch_model*.bin file): "
                              "was the save interrupted, or only the config copied?")
 
 def _hub_access(repo_id: str, cache_dir: str | None, timeout: float = 10.0) -> dict:

@@ -414,13 +414,14 @@ class Trainer:
         if use_cpu and c.mixed_precision == "fp16":
             raise ValueError("mixed_precision='fp16' needs a CUDA device and this run is on the CPU; use 'no' or 'bf16'")
         self.run_dir, self.step, self._lock = check_output_dir(c.output_dir), 0, None
-        RunLock(self.run_dir).check_free()    # before the model loads: another live writer stops this one at once
         if c.resume:
-            self._check_resumable()
+            self._check_resumable()           # before the model loads: an old-format run or another config stops here
         mp = c.mixed_precision if c.mixed_precision != "auto" else ("no" if use_cpu else "bf16")
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=mp, gradient_accumulation_steps=c.grad_accum)
         _warn_if_fsdp_ignored(self.accelerator)
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        if self.is_main:
+            RunLock(self.run_dir).check_free()   # before the model loads: another live writer stops this one at once
         self.groups = shard_groups(c.prompts_per_step, self.rank, self.world_size)   # this process's prompts
         _set_seed(c.seed)
         self.reward_fn = reward_fn   # (completion text, problem) -> float; None: the task's own grader

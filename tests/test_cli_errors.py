@@ -97,7 +97,7 @@ def test_model_dir_without_weights(tmp_path, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
     rc, err = run_main(capsys, "train", "--model", str(tmp_path / "m"), "--output-dir", str(tmp_path / "run"))
-    assert rc == 2 and f"model directory {tmp_path / 'm'} holds no weights" in err, err
+    assert rc == 2 and f"Could not load a model from {tmp_path / 'm'}: it holds no weights" in err, err
 
 
 @pytest.mark.parametrize("offline", [True, False])
