@@ -6,9 +6,12 @@
 from __future__ import annotations
 import torch
 from torch import Tensor
+from .registry import Registry
 
 # %% auto #0
-__all__ = ['group_advantages', 'dr_grpo_advantages', 'token_level_group_advantages', 'dynamic_sampling_mask', 'overlong_penalty']
+__all__ = ['REWARD_SHAPERS', 'GROUP_FILTERS', 'ADVANTAGES', 'group_advantages', 'dr_grpo_advantages',
+           'token_level_group_advantages', 'dynamic_sampling_mask', 'overlong_penalty', 'rloo_advantages',
+           'list_reward_shapers', 'list_group_filters', 'list_advantages']
 
 # %% ../nbs/05_advantages.ipynb #a2841b00
 def _check_rewards(rewards: Tensor, group_size: int) -> Tensor:
@@ -93,3 +96,73 @@ def overlong_penalty(lengths: Tensor, max_length: int, cache_length: int) -> Ten
     start = max_length - cache_length
     ramp = (start - L) / cache_length
     return torch.where(L <= start, torch.zeros_like(L), torch.where(L <= max_length, ramp, -torch.ones_like(L)))
+
+# %% ../nbs/05_advantages.ipynb #dcfdde1d
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    "RLOO advantages [B]: R_i minus the mean of the other G - 1 rewards of its group."
+    r = _check_rewards(rewards, group_size)
+    if group_size < 2:
+        raise ValueError("the leave-one-out baseline needs group_size >= 2")
+    g = r.view(-1, group_size)
+    return (g - (g.sum(dim=1, keepdim=True) - g) / (group_size - 1)).reshape(-1)
+
+# %% ../nbs/05_advantages.ipynb #8fbe3436
+REWARD_SHAPERS = Registry("reward shaper")
+GROUP_FILTERS = Registry("group filter")
+ADVANTAGES = Registry("advantage estimator")
+
+def list_reward_shapers() -> list[str]: return REWARD_SHAPERS.names()
+def list_group_filters() -> list[str]: return GROUP_FILTERS.names()
+def list_advantages() -> list[str]: return ADVANTAGES.names()
+
+def _overlong_lengths(o: dict, batch) -> tuple[int, int]:
+    L = o["max_length"] if o["max_length"] is not None else int(batch["max_new_tokens"])
+    return L, (o["cache_length"] if o["cache_length"] is not None else max(1, L // 4))
+
+def _overlong(rewards: Tensor, batch, *, max_length, cache_length, factor):
+    "DAPO's soft overlong penalty, added to the reward."
+    L, C = _overlong_lengths(dict(max_length=max_length, cache_length=cache_length), batch)
+    pen = factor * overlong_penalty(batch["lengths"], L, C).to(rewards.dtype).to(rewards.device)
+    return rewards + pen, {"shaping/overlong_mean": pen.double().mean().item(),
+                           "shaping/overlong_frac": (pen < 0).double().mean().item()}
+
+def _check_overlong(o: dict) -> None:
+    for k in ("max_length", "cache_length"):
+        if o[k] is not None and (isinstance(o[k], bool) or not isinstance(o[k], int) or o[k] < 1):
+            raise ValueError(f"overlong: {k} must be None or a positive int, got {o[k]!r}")
+    if o["max_length"] is not None and o["cache_length"] is not None and o["cache_length"] > o["max_length"]:
+        raise ValueError(f"overlong: need cache_length <= max_length, got {o['cache_length']} > {o['max_length']}")
+    if not o["factor"] >= 0:
+        raise ValueError(f"overlong: factor must be >= 0, got {o['factor']}")
+
+REWARD_SHAPERS.register("overlong", _overlong, dict(max_length=None, cache_length=None, factor=1.0),
+                        "DAPO soft overlong penalty: 0 up to L_max - L_cache, linear to -factor at L_max",
+                        needs={"lengths"}, check=_check_overlong)
+
+def _equal_rewards(rewards: Tensor, group_size: int, batch, *, metric, atol):
+    "Keep a group iff its rewards (or task scores) are not all equal."
+    x = rewards if metric == "reward" else batch["scores"]
+    return dynamic_sampling_mask(x.to(rewards.dtype), group_size, atol=atol).view(-1, group_size)[:, 0]
+
+def _check_equal_rewards(o: dict) -> None:
+    if o["metric"] not in ("score", "reward"):
+        raise ValueError(f"equal_rewards: metric must be 'score' (task score before shaping) or 'reward', got {o['metric']!r}")
+    if not o["atol"] >= 0:
+        raise ValueError(f"equal_rewards: atol must be >= 0, got {o['atol']}")
+
+GROUP_FILTERS.register("equal_rewards", _equal_rewards, dict(metric="score", atol=0.0),
+                       "DAPO dynamic sampling: drop groups whose scores (or shaped rewards) are all equal",
+                       needs=lambda o: {"scores"} if o["metric"] == "score" else set(), check=_check_equal_rewards)
+
+def _check_eps(o: dict) -> None:
+    if not o["eps"] > 0:
+        raise ValueError(f"eps must be > 0, got {o['eps']}")
+
+ADVANTAGES.register("grpo", lambda r, G, batch, *, normalize_std, eps: group_advantages(r, G, normalize_std=normalize_std, eps=eps),
+                    dict(normalize_std=True, eps=1e-6), "GRPO: (R - group mean) / (group std + eps)", check=_check_eps)
+ADVANTAGES.register("dr_grpo", lambda r, G, batch: dr_grpo_advantages(r, G), {}, "Dr. GRPO: R - group mean")
+ADVANTAGES.register("token_level", lambda r, G, batch, *, normalize_std, eps: token_level_group_advantages(
+                        r, batch["lengths"], G, normalize_std=normalize_std, eps=eps),
+                    dict(normalize_std=False, eps=1e-6), "token-level group average (HAPO): sum_i |o_i| A_i = 0",
+                    needs={"lengths"}, check=_check_eps)
+ADVANTAGES.register("rloo", lambda r, G, batch: rloo_advantages(r, G), {}, "RLOO: R minus the mean of the other G - 1")

@@ -10,11 +10,12 @@ import json
 import sys
 from pathlib import Path
 
-from .trainer import TrainConfig, read_metrics, train, evaluate, build_model, build_task, latest_checkpoint
+from .trainer import merge_config, TrainConfig, read_metrics, train, evaluate, build_model, build_task, latest_checkpoint
 from .rundir import Interrupted, RunDirLocked
 
 # %% auto #0
-__all__ = ['load_config_file', 'parse_overrides', 'build_config', 'load_run_policy', 'plot_runs', 'main']
+__all__ = ['load_config_file', 'parse_overrides', 'build_config', 'load_run_policy', 'plot_runs', 'registry_listing',
+           'recipe_listing', 'main']
 
 # %% ../nbs/12_cli.ipynb #5daa6503
 def load_config_file(path: str | Path) -> dict:
@@ -61,7 +62,8 @@ def _scalar(text: str):
     return text if v is None and text.strip().lower() not in ("null", "none", "~") else v
 
 def parse_overrides(items: list[str]) -> dict:
-    """`key=value` pairs into a dict; `loss_options.clip_high=0.28` sets one entry of a dict field."""
+    """`key=value` pairs into a dict; `loss_options.clip_high=0.28` sets one entry of a dict field, and deeper paths
+    (`reward_shaping_options.overlong.cache_length=4`) one entry of a nested dict."""
     out: dict = {}
     for item in items:
         if "=" not in item:
@@ -70,14 +72,13 @@ def parse_overrides(items: list[str]) -> dict:
         key = key.strip().replace("-", "_")
         if not key:
             raise ValueError(f"override {item!r} has an empty key")
-        if "." in key:
-            outer, inner = key.split(".", 1)
-            out.setdefault(outer, {})
-            if not isinstance(out[outer], dict):
-                raise ValueError(f"override {item!r}: {outer} is not a dict field")
-            out[outer][inner] = _scalar(value)
-        else:
-            out[key] = _scalar(value)
+        *path, last = key.split(".")
+        node = out
+        for part in path:                          # a.b.c=v sets out[a][b][c] (dict fields, nested options)
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part} is not a dict field")
+        node[last] = _scalar(value)
     return out
 
 def build_config(config_file: str | None = None, overrides: list[str] | None = None, **flags) -> TrainConfig:
@@ -87,7 +88,7 @@ def build_config(config_file: str | None = None, overrides: list[str] | None = N
     for layer in (parse_overrides(overrides or []), {k: v for k, v in flags.items() if v is not None}):
         for k, v in layer.items():
             if isinstance(v, dict) and isinstance(d.get(k), dict):
-                d[k] = {**d[k], **v}
+                d[k] = merge_config(d[k], v)
             else:
                 d[k] = v
     if "output_dir" not in d and d.get("algo"):
@@ -156,6 +157,43 @@ def plot_runs(run_dirs: list, labels: list | None = None):
     fig.fits = fits
     return fig
 
+# %% ../nbs/12_cli.ipynb #a9ded750
+def _stage_registries() -> dict:
+    from entropy_rl.advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
+    from entropy_rl.losses import LOSSES, REGULARIZERS
+    from entropy_rl.registry import QUANTITIES
+    from entropy_rl.rollout import SAMPLERS
+    return {"sampler": SAMPLERS, "reward_shaping": REWARD_SHAPERS, "group_filter": GROUP_FILTERS,
+            "advantage": ADVANTAGES, "algo (loss)": LOSSES, "regularizers": REGULARIZERS, "quantities": QUANTITIES}
+
+def registry_listing() -> str:
+    "Every stage registry as text: the config key, then one line per entry with its doc and its options' defaults."
+    from entropy_rl.losses import COMMON_OPTIONS, INPUT_OPTIONS
+    lines = []
+    for key, reg in _stage_registries().items():
+        lines.append(f"{key}  [{reg.stage}]")
+        for row in reg.table():
+            opts = {k: v for k, v in row["options"].items() if k not in INPUT_OPTIONS
+                    and not (reg.stage == "loss" and k in COMMON_OPTIONS and k != "aggregation")}
+            lines.append(f"  {row['name']:<16} {row['doc']}")
+            if opts:
+                lines.append("  " + " " * 17 + ", ".join(f"{k}={v!r}" for k, v in opts.items()))
+        lines.append("")
+    lines.append("every loss also takes: " + ", ".join(k for k in COMMON_OPTIONS if k not in INPUT_OPTIONS
+                                                        and k not in ("aggregation", "kl_coef", "regularizers")))
+    return "\n".join(lines)
+
+def recipe_listing() -> str:
+    "The shipped recipes: name, description, and the config keys each sets."
+    import yaml
+    from entropy_rl.trainer import list_recipes, load_recipe, recipe_description
+    out = []
+    for name in list_recipes():
+        d = {k: v for k, v in load_recipe(name).items() if k != "recipe"}
+        out.append(f"{name:<10} {recipe_description(name)}")
+        out.append("           " + yaml.safe_dump(d, default_flow_style=True, width=10_000).strip())
+    return "\n".join(out)
+
 # %% ../nbs/12_cli.ipynb #79664622
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="entropy-rl", description="RLVR training with entropy mechanisms.")
@@ -166,6 +204,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", parents=[debug], help="train a policy (no arguments: the embedded default run)")
     t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. lr=1e-5 loss_options.clip_high=0.28")
     t.add_argument("--config", help="YAML or JSON config file")
+    t.add_argument("--recipe", help="a named preset of several stages (see `entropy-rl recipes`); overrides win")
     t.add_argument("--algo", help="registered loss name (see `entropy-rl algos`)")
     t.add_argument("--steps", type=int)
     t.add_argument("--model", help='"default", "tiny", a model directory or a hub id')
@@ -186,6 +225,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("runs", nargs="+", help="run directories")
     g.add_argument("--out", default="runs.png", help="output PNG")
     sub.add_parser("algos", parents=[debug], help="list the registered losses")
+    sub.add_parser("list", parents=[debug], help="every stage registry: samplers, reward shapers, group filters, advantage estimators, "
+                                "losses, regularizers, per-token quantities, with options and defaults")
+    sub.add_parser("recipes", parents=[debug], help="the shipped recipes (presets of several stages) and what they set")
     return p
 
 def _check_eval_args(args) -> None:
@@ -208,8 +250,9 @@ def _run(args) -> int:
     if args.command in (None, "train"):
         if args.command is None:
             args = _parser().parse_args(["train"])
-        cfg = build_config(args.config, args.overrides, algo=args.algo, steps=args.steps, model=args.model,
-                           output_dir=args.output_dir, seed=args.seed, resume=False if args.fresh else None)
+        cfg = build_config(args.config, args.overrides, recipe=args.recipe, algo=args.algo, steps=args.steps,
+                           model=args.model, output_dir=args.output_dir, seed=args.seed,
+                           resume=False if args.fresh else None)
         if args.print_config:
             print(json.dumps(cfg.to_dict(), indent=2)); return 0
         res = train(cfg)
@@ -236,6 +279,10 @@ def _run(args) -> int:
     elif args.command == "algos":
         from entropy_rl.losses import list_losses
         print("\n".join(list_losses()))
+    elif args.command == "list":
+        print(registry_listing())
+    elif args.command == "recipes":
+        print(recipe_listing())
     return 0
 
 def main(argv: list[str] | None = None) -> int:

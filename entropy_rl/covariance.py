@@ -160,12 +160,12 @@ def fraction_to_percent(fraction: float) -> float:
 
 
 def selection_count(fraction: float, n_valid: int) -> int:
-    "How many tokens an intervention selects: max(1, ⌊fraction·n_valid⌋), or 0 when n_valid = 0."
+    "How many tokens an intervention selects: max(1, ⌊fraction·n_valid⌋); 0 when fraction = 0 (switched off) or n_valid = 0."
     if fraction < 0 or fraction > 1:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
     if n_valid < 0:
         raise ValueError(f"n_valid must be non-negative, got {n_valid}")
-    if n_valid == 0:
+    if n_valid == 0 or fraction == 0:
         return 0
     return max(1, int(math.floor(fraction * n_valid + 1e-9)))
 

@@ -114,7 +114,7 @@ def global_policy_loss(name: str, logp: Tensor, old_logp: Tensor, advantages: Te
     """`entropy_rl.losses.policy_loss` for one micro-batch split across processes.
 
     scope="global": logp, old_logp, advantages, mask and every tensor option with this process's rows
-    (entropy, segment ids, token weights, reference log-probs) are gathered from all processes; each process
+    (entropy, segment ids, token weights, reference log-probs, the tensors of `inputs=`) are gathered from all processes; each process
     computes the loss of the global batch (the one-process value and metrics) and its backward reaches this
     process's rows, scaled for gradient averaging (see `gather_rows`).
     scope="local": the loss of this process's rows alone (per-process statistics); metrics averaged over processes.
@@ -131,7 +131,7 @@ def global_policy_loss(name: str, logp: Tensor, old_logp: Tensor, advantages: Te
     b, T = logp.shape
     width = int(all_reduce(torch.tensor(T, device=logp.device), "max"))
     g = lambda x, pad=0: gather_rows(x, width, pad) if isinstance(x, Tensor) and x.dim() in (1, 2) and x.shape[0] == b else x
-    opts = {k: g(v) for k, v in options.items()}
+    opts = {k: ({n: g(x) for n, x in v.items()} if isinstance(v, dict) else g(v)) for k, v in options.items()}
     return policy_loss(name, g(logp), g(old_logp), g(advantages), g(mask, False), **opts)
 
 # %% ../nbs/15_distributed.ipynb #115cd91c

@@ -13,10 +13,12 @@ from torch import Tensor
 from .ratios import (token_ratios, sequence_ratios, gspo_token_ratios, segment_ratios,
                                segment_mean, entropy_adaptive_bounds)
 from .clipping import clipped_surrogate_loss, clip_regions
+from .registry import Registry
 
 # %% auto #0
-__all__ = ['AGGREGATIONS', 'COMMON_OPTIONS', 'aggregate', 'high_entropy_mask', 'LossSpec', 'register_loss', 'list_losses',
-           'loss_options', 'policy_loss']
+__all__ = ['AGGREGATIONS', 'INPUT_OPTIONS', 'COMMON_OPTIONS', 'REGULARIZERS', 'LOSSES', 'LossSpec', 'aggregate',
+           'high_entropy_mask', 'register_loss', 'list_losses', 'loss_options', 'loss_needs', 'register_regularizer',
+           'list_regularizers', 'policy_loss', 'check_loss_options', 'apply_dual_clip']
 
 # %% ../nbs/06_losses.ipynb #9610a516
 AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -67,42 +69,85 @@ def high_entropy_mask(entropy: Tensor, mask: Tensor, frac: float = 0.2) -> Tenso
     return keep
 
 # %% ../nbs/06_losses.ipynb #6141b34e
-@dataclass(frozen=True)
-class LossSpec:
-    "A registered policy loss: its function, its own options with defaults, its default aggregation."
-    name: str
-    fn: Callable
-    defaults: dict = field(default_factory=dict)
-    aggregation: str = "token-mean"
-    doc: str = ""
+# per-call tensors (or objects) a caller supplies; not settable from a config file
+INPUT_OPTIONS = ("entropy", "token_weights", "ref_logp", "inputs", "segment_ids", "generator", "all_reduce",
+                 "global_stats")
+COMMON_OPTIONS: dict = {"aggregation": None, "max_length": None, "entropy": None, "entropy_coef": 0.0,
+                        "top_entropy_frac": None, "token_weights": None, "kl_coef": 0.0, "ref_logp": None,
+                        "regularizers": None, "inputs": None}
+REGULARIZERS = Registry("regularizer", modules=())
+LOSSES = Registry("loss", modules=())
+LossSpec = LOSSES.get   # the registered entry of a loss (name kept from the first registry)
 
-COMMON_OPTIONS: dict = {"aggregation": None, "max_length": None, "entropy": None,
-                        "entropy_coef": 0.0, "top_entropy_frac": None,
-                        "token_weights": None}
-_LOSSES: dict[str, LossSpec] = {}
+def _check_common(o: dict) -> None:
+    if o["aggregation"] not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {o['aggregation']!r}; valid: {list(AGGREGATIONS)}")
+    f = o["top_entropy_frac"]
+    if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1):
+        raise ValueError(f"top_entropy_frac must be None or in (0, 1], got {f!r}")
+    for k in ("entropy_coef", "kl_coef"):
+        if isinstance(o[k], bool) or not isinstance(o[k], (int, float)) or not math.isfinite(o[k]):
+            raise ValueError(f"{k} must be a finite number, got {o[k]!r}")
+    regs = o["regularizers"] or {}
+    if not isinstance(regs, dict) or not all(isinstance(v, dict) for v in regs.values()):
+        raise ValueError(f"regularizers must map names to option dicts, e.g. {{'kl': {{'coef': 0.01}}}}, got {regs!r}")
+    for n, ro in regs.items():
+        REGULARIZERS.resolve(n, ro)
 
-def register_loss(name: str, fn: Callable, defaults: dict, aggregation: str, doc: str = "") -> None:
-    "Add (or replace) a loss in the registry."
+def _regularizer_options(o: dict) -> dict:
+    "name -> options of every regularizer switched on (the entropy_coef / kl_coef shorthands included)."
+    regs = {n: REGULARIZERS.resolve(n, ro) for n, ro in (o.get("regularizers") or {}).items()}
+    for n, k in (("entropy", "entropy_coef"), ("kl", "kl_coef")):
+        if o.get(k):
+            if n in regs:
+                raise ValueError(f"{k} and regularizers[{n!r}] both set the same term; use one")
+            regs[n] = REGULARIZERS.resolve(n, {"coef": float(o[k])})
+    return {n: ro for n, ro in regs.items() if ro["coef"]}
+
+def register_loss(name: str, fn: Callable, defaults: dict, aggregation: str, doc: str = "", *,
+                  needs=frozenset(), check: Callable | None = None) -> None:
+    """Add (or replace) a loss. `needs`: what it needs computed (a set, or a function of its options);
+    `check(options)`: its own value checks, besides those its function makes when called."""
     clash = set(defaults) & set(COMMON_OPTIONS)
     if clash:
         raise ValueError(f"options {sorted(clash)} are common options and cannot be loss-specific")
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {list(AGGREGATIONS)}")
-    _LOSSES[name] = LossSpec(name, fn, dict(defaults), aggregation, doc)
+    def all_needs(o):
+        own = needs(o) if callable(needs) else needs
+        extra = {"entropy"} if (o["entropy_coef"] or o["top_entropy_frac"] is not None) else set()
+        extra |= {"ref_logp"} if o["kl_coef"] else set()
+        for n, ro in (o.get("regularizers") or {}).items():
+            extra |= REGULARIZERS.get(n).needs_for(ro)
+        return set(own) | extra
+    def all_checks(o):
+        _check_common(o)
+        if check is not None:
+            check(o)
+    LOSSES.register(name, fn, {**COMMON_OPTIONS, "aggregation": aggregation, **defaults}, doc,
+                    needs=all_needs, check=all_checks)
 
 def list_losses() -> list[str]:
     "Names of the registered losses, in registration order."
-    return list(_LOSSES)
-
-def _spec(name: str) -> LossSpec:
-    if name not in _LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid names: {list_losses()}")
-    return _LOSSES[name]
+    return LOSSES.names()
 
 def loss_options(name: str) -> dict:
     "Every option `name` accepts, with its default (common options included)."
-    s = _spec(name)
-    return {**COMMON_OPTIONS, "aggregation": s.aggregation, **s.defaults}
+    return LOSSES.options(name)
+
+def loss_needs(name: str, options: dict | None = None) -> frozenset:
+    "What loss `name` under `options` needs its caller to compute (e.g. {'entropy', 'ref_logp'})."
+    return LOSSES.get(name).needs_for(options or {})
+
+def register_regularizer(name: str, fn: Callable, defaults: dict, doc: str = "", *, needs=frozenset(),
+                         check: Callable | None = None) -> None:
+    """Add a regularizer: `fn(logp, mask, inputs, agg, **options) -> (term, metrics)`; the loss adds coef * term.
+    `inputs` holds what it declared in `needs`; `agg(x)` aggregates [B, T] like the loss does. `coef` is always an option."""
+    REGULARIZERS.register(name, fn, {"coef": 0.0, **defaults}, doc, needs=needs, check=check)
+
+def list_regularizers() -> list[str]:
+    "Names of the registered regularizers."
+    return REGULARIZERS.names()
 
 # %% ../nbs/06_losses.ipynb #8e2ccef0
 def _finite_on(x: Tensor, m: Tensor, what: str) -> None:
@@ -145,29 +190,34 @@ def _validate(logp, old_logp, advantages, mask, entropy):
             torch.where(m, adv.detach().to(logp.dtype), zero), m, entropy)
 
 # %% ../nbs/06_losses.ipynb #977abb0e
-def policy_loss(name: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                **options) -> tuple[Tensor, dict]:
+def policy_loss(name: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
+                check: bool = True, **options) -> tuple[Tensor, dict]:
     """The registry's entry point: scalar loss (to minimise) and a dict of float metrics for loss `name`.
-    logp, old_logp, mask: [B, T]; advantages: [B] or [B, T]; options by keyword (see `loss_options(name)`)."""
-    spec = _spec(name)
-    valid = loss_options(name)
-    unknown = sorted(set(options) - set(valid))
+    logp, old_logp, mask: [B, T]; advantages: [B] or [B, T]; options by keyword (see `loss_options(name)`).
+    `check=False`: the caller validated the batch (bool mask, [B, T] advantages, zeros where masked)."""
+    spec = LOSSES.get(name)
+    unknown = sorted(set(options) - set(spec.defaults))
     if unknown:
-        raise TypeError(f"unknown option(s) {unknown} for loss {name!r}; valid options: {sorted(valid)}")
-    opts = {**valid, **options}
-    if opts["aggregation"] not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {opts['aggregation']!r}; valid: {list(AGGREGATIONS)}")
-    lp, olp, adv, m, ent = _validate(logp, old_logp, advantages, mask, opts["entropy"])
+        raise TypeError(f"unknown option(s) {unknown} for loss {name!r}; valid options: {sorted(spec.defaults)}")
+    opts = LOSSES.resolve(name, options)
+    regs = _regularizer_options(opts)
+    if check:
+        lp, olp, adv, m, ent = _validate(logp, old_logp, advantages, mask, opts["entropy"])
+    else:
+        lp = logp.float() if logp.dtype in (torch.float16, torch.bfloat16) else logp
+        olp, adv, m, ent = old_logp.to(lp.dtype), advantages.to(lp.dtype), mask, opts["entropy"]
     if not m.any():   # documented: nothing to learn -> exactly 0, still connected to logp's graph
         return lp.sum() * 0.0, {"loss": 0.0, "pg_loss": 0.0, "n_tokens": 0, "n_loss_tokens": 0}
-    per_token, metrics = spec.fn(lp, olp, adv, m, ent, **{k: opts[k] for k in spec.defaults})
+    own = {k: opts[k] for k in spec.defaults if k not in COMMON_OPTIONS}
+    per_token, metrics = spec.fn(lp, olp, adv, m, ent, **own)
     if opts["token_weights"] is not None:
         w = opts["token_weights"]
-        if not isinstance(w, Tensor) or w.shape != lp.shape:
-            raise ValueError(f"token_weights must be a tensor of shape {tuple(lp.shape)}")
-        _finite_on(w, m, "token_weights")
-        if (w.detach() < 0)[m].any():
-            raise ValueError("token_weights must be >= 0 on valid tokens")
+        if check:
+            if not isinstance(w, Tensor) or w.shape != lp.shape:
+                raise ValueError(f"token_weights must be a tensor of shape {tuple(lp.shape)}")
+            _finite_on(w, m, "token_weights")
+            if (w.detach() < 0)[m].any():
+                raise ValueError("token_weights must be >= 0 on valid tokens")
         w = torch.where(m, w.detach().to(per_token.dtype), torch.zeros((), dtype=per_token.dtype, device=per_token.device))
         per_token = per_token * w
         metrics["token_weights/mean"] = w[m].double().mean().item()
@@ -179,19 +229,79 @@ def policy_loss(name: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, m
     agg = dict(mode=opts["aggregation"], max_length=opts["max_length"])
     pg = aggregate(per_token, loss_mask, **agg)
     loss = pg
-    if opts["entropy_coef"]:
-        if ent is None:
-            raise ValueError("entropy_coef needs entropy= [B, T]")
-        loss = loss - opts["entropy_coef"] * aggregate(ent, m, **agg)
+    if regs:
+        inputs = {"entropy": ent, "ref_logp": opts["ref_logp"], **(opts["inputs"] or {})}
+        for rname, ro in regs.items():
+            missing = sorted(n for n in REGULARIZERS.get(rname).needs_for(ro) if inputs.get(n) is None)
+            if missing:
+                shorthand = {"entropy": "entropy_coef needs entropy= [B, T]", "kl": "kl_coef needs ref_logp= [B, T]"}
+                raise ValueError(shorthand.get(rname, f"regularizer {rname!r} needs {missing} (pass them in inputs=)"))
+            if check:
+                for n in REGULARIZERS.get(rname).needs_for(ro):
+                    x = inputs[n]
+                    if isinstance(x, Tensor) and x.shape != lp.shape:
+                        raise ValueError(f"{n} must be a tensor of shape {tuple(lp.shape)}, got {tuple(x.shape)}")
+                    if isinstance(x, Tensor):
+                        _finite_on(x, m, n)
+            term, rm = REGULARIZERS.get(rname).fn(lp, m, inputs, lambda x: aggregate(x, m, **agg),
+                                                  **{k: v for k, v in ro.items() if k != "coef"})
+            loss = loss + ro["coef"] * term
+            metrics.update(rm)
+            metrics[f"reg/{rname}"] = float(ro["coef"] * term.detach())
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss {name!r} is not finite ({loss.item()}); check the log-ratios (exp overflow?)")
     n = int(m.sum())
     metrics.update({"loss": loss.item(), "pg_loss": pg.item(), "n_tokens": n, "n_loss_tokens": int(loss_mask.sum())})
-    if ent is not None:
-        metrics["entropy/mean"] = (ent.detach()[m].mean().item() if n else 0.0)
     if opts["top_entropy_frac"] is not None:
         metrics["entropy_mask/kept_frac"] = int(loss_mask.sum()) / max(n, 1)
     return loss, metrics
+
+def _entropy_bonus(logp, m, inputs, agg):
+    "-agg(H): subtracting c * agg(H) from the loss rewards entropy."
+    return -agg(inputs["entropy"]), {}
+
+def _reference_kl(logp, m, inputs, agg):
+    "agg(k3) with d = log pi_ref - log pi_theta, clamped at 10."
+    d = torch.where(m, inputs["ref_logp"].detach().to(logp.dtype) - logp, torch.zeros_like(logp))
+    k3 = (torch.exp(d) - d - 1).clamp(max=10.0)
+    return agg(k3), {"kl/k3_mean": k3.detach()[m].mean().item()}
+
+register_regularizer("entropy", _entropy_bonus, {}, "entropy bonus: -c * agg(H) (loss_options.entropy_coef)",
+                     needs={"entropy"})
+register_regularizer("kl", _reference_kl, {}, "k3 KL to a frozen reference policy: c * agg(e^d - d - 1) (kl_coef)",
+                     needs={"ref_logp"})
+
+def _probe_inputs(needs, B: int, T: int) -> dict:
+    "Dummy per-call inputs for a dry run of a loss at config time."
+    from entropy_rl.ratios import token_segment_ids
+    made = {"entropy": torch.ones(B, T, dtype=torch.float64), "ref_logp": torch.full((B, T), -1.0, dtype=torch.float64),
+            "segment_ids": token_segment_ids(torch.ones(B, T)), "generator": torch.Generator().manual_seed(0)}
+    out = {k: made[k] for k in needs if k in made}
+    rest = sorted(set(needs) - set(made))
+    if rest:
+        out["inputs"] = {k: torch.zeros(B, T, dtype=torch.float64) for k in rest}
+    return out
+
+def check_loss_options(name: str, options: dict | None = None) -> dict:
+    """Validate a loss configuration before any model exists: name, option names and kinds, and a dry run of the
+    loss on a tiny batch (so values the loss refuses when called fail now). Per-call tensors are refused here."""
+    options = dict(options or {})
+    given = sorted(set(options) & set(INPUT_OPTIONS))
+    if given:
+        raise ValueError(f"loss option(s) {given} are tensors the trainer computes per step, not settings; "
+                         "use kl_coef for a reference KL, and the stage registries for the rest")
+    full = LOSSES.resolve(name, options)
+    B, T = 2, 4
+    lp = torch.log(torch.tensor([[0.5, 0.25, 0.2, 0.1], [0.3, 0.6, 0.1, 0.4]], dtype=torch.float64))
+    probe = _probe_inputs(loss_needs(name, options), B, T)
+    if "inputs" in probe and options.get("inputs"):
+        probe["inputs"] = {**probe["inputs"], **options["inputs"]}
+    try:
+        policy_loss(name, lp, lp - 0.05, torch.tensor([1.0, -1.0], dtype=torch.float64), torch.ones(B, T),
+                    **{**options, **probe})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"loss {name!r}: {e}") from None
+    return full
 
 # %% ../nbs/06_losses.ipynb #6faa8252
 def _check_eps(clip_low: float, clip_high: float) -> None:
@@ -217,30 +327,39 @@ def _ratio_metrics(ratio: Tensor, adv: Tensor, m: Tensor, low, high) -> dict:
     out["bound/low"], out["bound/high"] = _mean_valid(low, m), _mean_valid(high, m)
     return out
 
-def _token_clip_loss(logp, old_logp, adv, m, entropy=None, *, clip_low, clip_high, kl_coef=0.0, ref_logp=None):
-    "Token-ratio clipped surrogate (GRPO / DAPO / Dr. GRPO), optional k3 KL to a reference."
+def _check_dual_clip(o: dict) -> None:
+    c = o.get("dual_clip")
+    if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 1):
+        raise ValueError(f"dual_clip must be None (off) or a number > 1 (verl: 3), got {c!r}")
+
+def apply_dual_clip(per_token: Tensor, adv: Tensor, c: float | None) -> tuple[Tensor, Tensor]:
+    """Dual-clip PPO (arXiv 1912.09729): for A < 0 the per-token loss is capped at -A c, so a token whose ratio ran
+    far above 1 stops pushing. Returns the loss and the bool mask of tokens the cap silenced. `c=None`: unchanged."""
+    if c is None:
+        return per_token, torch.zeros_like(per_token, dtype=torch.bool)
+    cap = -adv * c
+    capped = (adv < 0) & (per_token > cap)
+    return torch.where(capped, cap.to(per_token.dtype), per_token), capped
+
+def _token_clip_loss(logp, old_logp, adv, m, entropy=None, *, clip_low, clip_high, dual_clip):
+    "Token-ratio clipped surrogate (GRPO / DAPO / Dr. GRPO), optionally dual-clipped."
     _check_eps(clip_low, clip_high)
     ratio = token_ratios(logp, old_logp, m)
     low, high = 1 - clip_low, 1 + clip_high
-    per_token = clipped_surrogate_loss(ratio, adv, low, high)
+    per_token, capped = apply_dual_clip(clipped_surrogate_loss(ratio, adv, low, high), adv, dual_clip)
     metrics = _ratio_metrics(ratio, adv, m, low, high)
-    if kl_coef:
-        if not isinstance(ref_logp, Tensor) or ref_logp.shape != logp.shape:
-            raise ValueError(f"kl_coef needs ref_logp= a tensor of shape {tuple(logp.shape)}")
-        _finite_on(ref_logp, m, "ref_logp")
-        d = torch.where(m, ref_logp.detach().to(logp.dtype) - logp, torch.zeros_like(logp))
-        k3 = torch.exp(d) - d - 1
-        per_token = per_token + kl_coef * k3
-        metrics["kl/k3_mean"] = k3.detach()[m].mean().item() if m.any() else 0.0
+    if dual_clip is not None:
+        metrics["clip/dual_frac"] = int((capped & m).sum()) / max(int(m.sum()), 1)
     return per_token, metrics
 
 _TOKEN_DOC = "token-ratio clipped surrogate"
-register_loss("grpo", _token_clip_loss, dict(clip_low=0.2, clip_high=0.2, kl_coef=0.0, ref_logp=None),
-              "seq-mean-token-mean", "GRPO: " + _TOKEN_DOC)
-register_loss("dapo", _token_clip_loss, dict(clip_low=0.2, clip_high=0.28, kl_coef=0.0, ref_logp=None),
-              "token-mean", "DAPO: clip-higher, token-mean")
-register_loss("dr_grpo", _token_clip_loss, dict(clip_low=0.2, clip_high=0.2, kl_coef=0.0, ref_logp=None),
-              "seq-mean-token-sum-norm", "Dr. GRPO: token sums / (B * L_max)")
+_TOKEN = dict(check=_check_dual_clip)
+register_loss("grpo", _token_clip_loss, dict(clip_low=0.2, clip_high=0.2, dual_clip=None),
+              "seq-mean-token-mean", "GRPO: " + _TOKEN_DOC, **_TOKEN)
+register_loss("dapo", _token_clip_loss, dict(clip_low=0.2, clip_high=0.28, dual_clip=None),
+              "token-mean", "DAPO: clip-higher, token-mean", **_TOKEN)
+register_loss("dr_grpo", _token_clip_loss, dict(clip_low=0.2, clip_high=0.2, dual_clip=None),
+              "seq-mean-token-sum-norm", "Dr. GRPO: token sums / (B * L_max)", **_TOKEN)
 
 # %% ../nbs/06_losses.ipynb #7d2ee116
 def _sequence_advantages(adv: Tensor, m: Tensor) -> Tensor:
@@ -302,7 +421,8 @@ register_loss("gspo_token", _gspo_token_loss, dict(clip_low=3e-4, clip_high=4e-4
               "GSPO-token: sequence ratio value, token gradients")
 register_loss("sspo", _sspo_loss, dict(segment_ids=None, clip_low=0.2, clip_high=0.2, entropy_alpha=0.5,
                                        entropy_ref=None, entropy_scale=None), "seq-mean-token-mean",
-              "SSPO (this project's reading): subsentence ratios, entropy-adaptive bounds")
+              "SSPO (this project's reading): subsentence ratios, entropy-adaptive bounds",
+              needs=lambda o: {"segment_ids"} | ({"entropy"} if o["entropy_alpha"] else set()))
 
 # %% ../nbs/06_losses.ipynb #335c5c75
 from .covariance import clip_cov_loss, kl_cov_loss
@@ -330,24 +450,28 @@ def _kl_cov(logp, old_logp, adv, m, entropy=None, **opts):
     metrics.update(_selected_metrics(selected, m))
     return per_token, metrics
 
-register_loss("clip_cov", _clip_cov, _keyword_defaults(clip_cov_loss), "token-mean", "Clip-Cov (entropy_rl.covariance)")
+register_loss("clip_cov", _clip_cov, _keyword_defaults(clip_cov_loss), "token-mean", "Clip-Cov (entropy_rl.covariance)",
+              needs={"generator"})
 register_loss("kl_cov", _kl_cov, _keyword_defaults(kl_cov_loss), "token-mean", "KL-Cov (entropy_rl.covariance)")
 
 # %% ../nbs/06_losses.ipynb #a955826a
 from .clipping import bapo_bounds, BAPO_DEFAULTS
 
 def _bapo(reading: str) -> Callable:
-    def fn(logp, old_logp, adv, m, entropy=None, **opts):
+    def fn(logp, old_logp, adv, m, entropy=None, *, dual_clip, **opts):
         ratio = token_ratios(logp, old_logp, m)
         b = bapo_bounds(ratio.detach(), adv, m, reading=reading, **opts)
-        per_token = clipped_surrogate_loss(ratio, adv, b["c_low"], b["c_high"])
+        per_token, capped = apply_dual_clip(clipped_surrogate_loss(ratio, adv, b["c_low"], b["c_high"]), adv, dual_clip)
         metrics = _ratio_metrics(ratio, adv, m, b["c_low"], b["c_high"])
         metrics.update({"bapo/positive_share": float(b["positive_share"]), "bapo/steps": int(b["steps"])})
+        if dual_clip is not None:
+            metrics["clip/dual_frac"] = int((capped & m).sum()) / max(int(m.sum()), 1)
         return per_token, metrics
     fn.__doc__ = f"BAPO ({reading} reading): adaptive ratio bounds from entropy_rl.clipping.bapo_bounds."
     return fn
 
-register_loss("bapo_paper", _bapo("paper"), {"all_reduce": None, **BAPO_DEFAULTS["paper"]}, "token-mean",
-              "BAPO, the paper's reading (entropy_rl.clipping)")
-register_loss("bapo_code", _bapo("code"), {"all_reduce": None, **BAPO_DEFAULTS["code"]}, "token-mean",
-              "BAPO, the released code's reading (entropy_rl.clipping)")
+register_loss("bapo_paper", _bapo("paper"), {"all_reduce": None, "dual_clip": None, **BAPO_DEFAULTS["paper"]},
+              "token-mean", "BAPO, the paper's reading (entropy_rl.clipping)", check=_check_dual_clip)
+register_loss("bapo_code", _bapo("code"), {"all_reduce": None, "dual_clip": 3.0, **BAPO_DEFAULTS["code"]},
+              "token-mean", "BAPO, the released code's reading, with its dual clip c = 3 (entropy_rl.clipping)",
+              check=_check_dual_clip)

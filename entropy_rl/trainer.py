@@ -28,15 +28,21 @@ from .covariance import token_covariance
 from .entropy import entropy_from_logits, logprobs_from_logits
 from .distributed import (SCOPES, all_reduce, full_state, gather_rows, gathered_params, global_policy_loss,
                                     is_fsdp1, is_sharded, load_full_state, mean_across, shard_groups)
-from .losses import list_losses, loss_options, policy_loss
+from .losses import (INPUT_OPTIONS, REGULARIZERS, check_loss_options, list_losses, loss_needs,
+                               loss_options, policy_loss)
+from .advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
+from .registry import QUANTITIES
+from .rollout import SAMPLERS
 from .rundir import (RESUMABLE_CHANGES, CheckpointError, Interrupted, RunDirLocked, RunLock, StopSignals, _atomic_write,
                                _copy_weights, _check_names, _truncate_metrics, check_output_dir, check_same_run,
                                checkpoint_dirs, latest_checkpoint, load_checkpoint, load_weights, newest_intact,
                                read_metrics, refuse_old_format, save_checkpoint, set_aside, verify_checkpoint, _report)
 
 # %% auto #0
-__all__ = ['PLOT_KEYS', 'TrainConfig', 'policy_logprobs_and_entropy', 'PolicyScorer', 'build_model', 'build_task',
-           'rollout_metrics', 'plot_metrics', 'tis_weights', 'TrainResult', 'Trainer', 'train', 'pass_at_k', 'evaluate']
+__all__ = ['PLOT_KEYS', 'TrainConfig', 'merge_config', 'list_recipes', 'load_recipe', 'recipe_description',
+           'policy_logprobs_and_entropy', 'PolicyScorer', 'build_model', 'build_task', 'rollout_metrics', 'StepBatch',
+           'reduce_update_metrics', 'StepPipeline', 'plot_pipeline', 'plot_metrics', 'tis_weights', 'TrainResult',
+           'Trainer', 'train', 'pass_at_k', 'evaluate']
 
 # %% ../nbs/11_trainer.ipynb #5202210d
 _CHOICES = {
@@ -56,6 +62,19 @@ class TrainConfig:
     task_options: dict = field(default_factory=dict)
     algo: str = "grpo"           # any name in `entropy_rl.losses.list_losses()`
     loss_options: dict = field(default_factory=dict)
+    sampler: str = "default"     # any name in `entropy_rl.rollout.list_samplers()`; "default": temperature + top_p
+    sampler_options: dict = field(default_factory=dict)
+    reward_shaping: list = field(default_factory=list)            # shaper names, applied in order (e.g. ["overlong"])
+    reward_shaping_options: dict = field(default_factory=dict)    # shaper name -> its options
+    group_filter: str | None = None   # a name in `list_group_filters()`; None: keep every group (see dynamic_sampling)
+    group_filter_options: dict = field(default_factory=dict)
+    dynamic_sampling: bool = False    # resample until prompts_per_step groups pass the filter (default filter: equal_rewards)
+    max_resample: int = 4             # extra sampling rounds per step at most, under dynamic_sampling
+    advantage: str = "grpo"           # any name in `entropy_rl.advantages.list_advantages()`
+    advantage_options: dict = field(default_factory=dict)
+    regularizers: dict = field(default_factory=dict)              # regularizer name -> options (with "coef")
+    kl_coef: float = 0.0              # k3 KL to the frozen initial policy (LoRA: the base model, adapter off)
+    recipe: str | None = None         # the preset this config started from (`entropy-rl recipes`)
     steps: int = 8
     prompts_per_step: int = 4
     group_size: int = 4
@@ -93,6 +112,8 @@ class TrainConfig:
     def from_dict(cls, d: dict | None = None, **overrides) -> "TrainConfig":
         "Build and validate a config from a dict; unknown keys are rejected with the valid keys listed."
         d = {**(d or {}), **overrides}
+        if d.get("recipe"):
+            d = merge_config(load_recipe(d["recipe"]), d)
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(names))
         if unknown:
@@ -103,17 +124,54 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def _resolve_stages(self) -> None:
+        """Check every stage's name and options against its registry and fill in the defaults, so config.json records
+        the resolved stages. Raises ValueError naming the stage, the option and the valid choices."""
+        for k in ("kl_coef", "regularizers"):
+            if k in self.loss_options:
+                raise ValueError(f"loss_options.{k}: set the top-level {k} instead (it applies to every loss)")
+        self.loss_options = _settable(check_loss_options(self.algo, {**self.loss_options, **self._regularizer_terms()}),
+                                      self.loss_options)
+        self.sampler_options = SAMPLERS.resolve(self.sampler, self.sampler_options)
+        if not isinstance(self.reward_shaping, list) or not all(isinstance(n, str) for n in self.reward_shaping):
+            raise ValueError(f"reward_shaping must be a list of shaper names, got {self.reward_shaping!r}")
+        stray = sorted(set(self.reward_shaping_options) - set(self.reward_shaping))
+        if stray:
+            raise ValueError(f"reward_shaping_options for {stray}, which reward_shaping={self.reward_shaping} does not switch on")
+        self.reward_shaping_options = {n: REWARD_SHAPERS.resolve(n, self.reward_shaping_options.get(n)) for n in self.reward_shaping}
+        if self.dynamic_sampling and self.group_filter is None:
+            self.group_filter = "equal_rewards"
+        if self.group_filter is None and self.group_filter_options:
+            raise ValueError("group_filter_options given but no group_filter (or dynamic_sampling) is set")
+        if self.group_filter is not None:
+            self.group_filter_options = GROUP_FILTERS.resolve(self.group_filter, self.group_filter_options)
+        adv = dict(self.advantage_options)
+        if not self.normalize_adv_std and "normalize_std" in ADVANTAGES.options(self.advantage):
+            if adv.get("normalize_std", False):
+                raise ValueError("normalize_adv_std=false contradicts advantage_options.normalize_std=true")
+            adv["normalize_std"] = False
+        self.advantage_options = ADVANTAGES.resolve(self.advantage, adv)
+        self.regularizers = {n: REGULARIZERS.resolve(n, o) for n, o in self.regularizers.items()}
+
+    def _regularizer_terms(self) -> dict:
+        "The loss options that switch on the configured regularizers (the reference KL included)."
+        out = {"regularizers": dict(self.regularizers)} if self.regularizers else {}
+        return {**out, "kl_coef": float(self.kl_coef)} if self.kl_coef else out
+
+    def needs(self) -> dict:
+        """What each stage declared it needs computed, by stage: the trainer computes exactly the union."""
+        return {"advantage": ADVANTAGES.get(self.advantage).needs_for(self.advantage_options),
+                "group_filter": (GROUP_FILTERS.get(self.group_filter).needs_for(self.group_filter_options)
+                                 if self.group_filter else frozenset()),
+                "reward_shaping": frozenset().union(*[REWARD_SHAPERS.get(n).needs_for(o)
+                                                      for n, o in self.reward_shaping_options.items()]),
+                "loss": loss_needs(self.algo, {**self.loss_options, **self._regularizer_terms()})}
+
     def validate(self) -> "TrainConfig":
         "Check every field; raise ValueError naming the field, the value and the valid choices."
         for k, choices in _CHOICES.items():
             if getattr(self, k) not in choices:
                 raise ValueError(f"{k}={getattr(self, k)!r} is not valid; choose from {list(choices)}")
-        if self.algo not in list_losses():
-            raise ValueError(f"algo={self.algo!r} is not a registered loss; choose from {list_losses()}")
-        if isinstance(self.loss_options, dict):
-            bad = sorted(set(self.loss_options) - set(loss_options(self.algo)))
-            if bad:
-                raise ValueError(f"loss_options {bad} are not options of {self.algo!r}; valid: {sorted(loss_options(self.algo))}")
         for k in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "epochs_per_step",
                   "minibatches", "grad_accum", "eval_problems", "keep_checkpoints"):
             v = getattr(self, k)
@@ -145,9 +203,15 @@ class TrainConfig:
             raise ValueError(f"tis_cap must be None or a finite number > 0 (typically 2), got {self.tis_cap!r}")
         if self.tis_cap is not None and "token_weights" in self.loss_options:
             raise ValueError("tis_cap sets the loss's token_weights; do not pass token_weights in loss_options too")
-        for k in ("task_options", "loss_options", "rollout_options"):
+        for k in ("task_options", "loss_options", "rollout_options", "sampler_options", "reward_shaping_options",
+                  "group_filter_options", "advantage_options", "regularizers"):
             if not isinstance(getattr(self, k), dict):
                 raise ValueError(f"{k} must be a dict, got {getattr(self, k)!r}")
+        if not isinstance(self.max_resample, int) or isinstance(self.max_resample, bool) or self.max_resample < 0:
+            raise ValueError(f"max_resample must be a non-negative integer, got {self.max_resample!r}")
+        if isinstance(self.kl_coef, bool) or not isinstance(self.kl_coef, (int, float)) or not (self.kl_coef >= 0 and math.isfinite(self.kl_coef)):
+            raise ValueError(f"kl_coef must be a finite number >= 0, got {self.kl_coef!r}")
+        self._resolve_stages()
         for k in ("model", "task", "output_dir"):
             if not isinstance(getattr(self, k), str) or not getattr(self, k):
                 raise ValueError(f"{k} must be a non-empty string, got {getattr(self, k)!r}")
@@ -155,6 +219,7 @@ class TrainConfig:
 
 def _coerce(cls, key: str, value: Any) -> Any:
     "Turn a command-line string into the field's type (`steps=3` → 3, `fused=false` → False)."
+    import yaml
     if not isinstance(value, str):
         return value
     default = {f.name: f for f in dataclasses.fields(cls)}[key]
@@ -171,11 +236,50 @@ def _coerce(cls, key: str, value: Any) -> Any:
             return float(value)
         if kind == "float | None":
             return None if value.lower() in ("none", "null", "") else float(value)
-        if kind == "dict":
-            return json.loads(value)
-    except (ValueError, json.JSONDecodeError):
+        if kind in ("dict", "list"):
+            import yaml
+            v = yaml.safe_load(value)
+            if not isinstance(v, dict if kind == "dict" else list):
+                raise ValueError
+            return v
+        if kind == "str | None":
+            return None if value.lower() in ("none", "null", "") else value
+    except (ValueError, yaml.YAMLError):
         raise ValueError(f"{key}={value!r} is not a valid {kind}") from None
     return value
+
+def _settable(resolved: dict, given: dict) -> dict:
+    "A loss's resolved options without the per-call tensors and the top-level terms (what a config records)."
+    return {k: v for k, v in resolved.items()
+            if k not in INPUT_OPTIONS and k not in ("regularizers", "kl_coef") and (v is not None or k in given)}
+
+def merge_config(base: dict, top: dict) -> dict:
+    "`top` over `base`; dicts are merged key by key, recursively (a recipe's loss_options under the user's)."
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+def list_recipes() -> list[str]:
+    "Names of the recipes shipped with the package (YAML presets of several stages)."
+    from importlib.resources import files
+    return sorted(p.name[:-5] for p in files("entropy_rl").joinpath("recipes").iterdir() if p.name.endswith(".yaml"))
+
+def load_recipe(name: str) -> dict:
+    "The config dict of a shipped recipe (its `recipe` key set to `name`)."
+    import yaml
+    from importlib.resources import files
+    if name not in list_recipes():
+        raise ValueError(f"unknown recipe {name!r}; valid: {list_recipes()}")
+    d = yaml.safe_load(files("entropy_rl").joinpath("recipes", f"{name}.yaml").read_text()) or {}
+    d.pop("description", None)
+    return {**d, "recipe": name}
+
+def recipe_description(name: str) -> str:
+    "The one-line description a recipe file carries."
+    import yaml
+    from importlib.resources import files
+    return (yaml.safe_load(files("entropy_rl").joinpath("recipes", f"{name}.yaml").read_text()) or {}).get("description", "")
 
 # %% ../nbs/11_trainer.ipynb #7333d29d
 def _response_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
@@ -297,16 +401,20 @@ def _masked_stats(x: torch.Tensor, mask: torch.Tensor, prefix: str) -> dict:
             f"{prefix}_min": v.min().item(), f"{prefix}_max": v.max().item()}
 
 def rollout_metrics(rewards: torch.Tensor, group_size: int, old_logp: torch.Tensor, entropy: torch.Tensor,
-                    sampling_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> dict:
-    "Per-step metrics of one rollout batch: reward, pass rate, entropy, token covariance, length, train/sample mismatch."
+                    sampling_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                    scores: torch.Tensor | None = None) -> dict:
+    """Per-step metrics of one rollout batch: reward, pass rate, entropy, token covariance, length, train/sample mismatch.
+    `advantages`: [B] or [B, T]; `scores`: the task's grades before reward shaping (pass rate and solved groups count
+    those; default: the rewards)."""
     m = mask.bool()
     r = rewards.double().view(-1, group_size)
-    cov = token_covariance(old_logp, advantages[:, None].expand_as(old_logp), m)
+    s = r if scores is None else scores.double().view(-1, group_size)
+    cov = token_covariance(old_logp, advantages if advantages.dim() == 2 else advantages[:, None].expand_as(old_logp), m)
     cv = cov[m].double()
     lengths = m.sum(-1).double()
     out = {"reward_mean": r.mean().item(), "reward_std": r.std(unbiased=False).item(),
-           "pass_rate": (r >= 1).double().mean().item(),
-           "groups_solved": (r >= 1).any(-1).double().mean().item(),
+           "pass_rate": (s >= 1).double().mean().item(),
+           "groups_solved": (s >= 1).any(-1).double().mean().item(),
            "groups_with_signal": (r.std(-1) > 0).double().mean().item(),
            "entropy": entropy[m].double().mean().item() if m.any() else float("nan"),
            "cov_mean": cv.mean().item() if cv.numel() else float("nan"),
@@ -318,12 +426,411 @@ def rollout_metrics(rewards: torch.Tensor, group_size: int, old_logp: torch.Tens
                               if m.any() else float("nan"))
     return out
 
+# %% ../nbs/11_trainer.ipynb #fe11c151
+@dataclass
+class StepBatch:
+    """The tensors of one step, checked once at the boundary (`validate`, `set_advantages`); the stages below read
+    them by name (`batch["lengths"]`) and trust them: bool mask, [B, T] advantages, zeros where masked.
+    Rows are grouped: group g is rows g*G .. g*G+G-1."""
+    ids: torch.Tensor              # [B, P+T] prompt ⊕ response (left-padded prompts)
+    attn: torch.Tensor             # [B, P+T] attention mask
+    mask: torch.Tensor             # [B, T] bool: response tokens up to and including EOS
+    sample_logp: torch.Tensor      # [B, T] log-probs of the sampled tokens under the sampling distribution
+    scores: torch.Tensor           # [B] the task's grade (before shaping)
+    rewards: torch.Tensor          # [B] after the reward shapers
+    group_size: int
+    max_new_tokens: int
+    texts: list = field(default_factory=list)
+    old_logp: torch.Tensor | None = None       # [B, T] the policy before this step's updates
+    entropy: torch.Tensor | None = None        # [B, T] its entropy
+    advantages: torch.Tensor | None = None     # [B, T]
+    ref_logp: torch.Tensor | None = None       # [B, T] the frozen reference policy (when declared)
+    segment_ids: torch.Tensor | None = None    # [B, T] (when declared)
+    quantities: dict = field(default_factory=dict)   # declared QUANTITIES by name, [B, T] each
+
+    @property
+    def response_ids(self) -> torch.Tensor: return self.ids[:, -self.mask.shape[1]:]
+    @property
+    def lengths(self) -> torch.Tensor: return self.mask.sum(-1)
+    def __len__(self) -> int: return self.mask.shape[0]
+    def __getitem__(self, key: str):
+        if key in self.quantities:
+            return self.quantities[key]
+        if not hasattr(self, key):
+            raise KeyError(f"the step batch has no {key!r}")
+        return getattr(self, key)
+
+    def validate(self) -> "StepBatch":
+        "The boundary check: shapes, dtypes, grouping and finiteness of what the rollout and the grader produced."
+        B, T = self.mask.shape
+        if self.mask.dtype != torch.bool:
+            raise TypeError(f"mask must be bool, got {self.mask.dtype}")
+        if self.ids.shape != self.attn.shape or self.ids.shape[0] != B or self.ids.shape[1] <= T:
+            raise ValueError(f"ids {tuple(self.ids.shape)} / attn {tuple(self.attn.shape)} do not fit mask {(B, T)}")
+        if self.sample_logp.shape != (B, T) or self.scores.shape != (B,) or self.rewards.shape != (B,):
+            raise ValueError("sample_logp must be [B, T] and scores, rewards [B]")
+        if B % self.group_size:
+            raise ValueError(f"{B} rows are not whole groups of {self.group_size}")
+        for what, x in (("scores", self.scores), ("rewards", self.rewards), ("sample_logp", self.sample_logp[self.mask])):
+            if not torch.isfinite(x).all():
+                raise ValueError(f"{what} has NaN/inf (a reward function or shaper returned a non-finite value?)")
+        return self
+
+    def set_advantages(self, adv: torch.Tensor) -> None:
+        "Store the estimator's advantages ([B] or [B, T]) as [B, T], checked finite and zeroed where masked."
+        B, T = self.mask.shape
+        if adv.shape not in ((B,), (B, T)):
+            raise ValueError(f"an advantage estimator returned shape {tuple(adv.shape)}; expected [B]={B} or [B, T]={(B, T)}")
+        adv = (adv[:, None].expand(B, T) if adv.dim() == 1 else adv).float().to(self.mask.device)
+        if not torch.isfinite(adv[self.mask]).all():
+            raise ValueError("advantages have NaN/inf on valid tokens")
+        self.advantages = torch.where(self.mask, adv, torch.zeros((), device=adv.device))
+
+def _pad_rows(x: torch.Tensor, width: int, value, left: bool = False) -> torch.Tensor:
+    pad = width - x.shape[1]
+    return F.pad(x, (pad, 0) if left else (0, pad), value=value) if pad else x
+
+def _take_groups(parts: list, group_size: int, pad_id: int) -> dict:
+    """Concatenate the kept groups of several rollouts: prompts left-padded, responses right-padded to one width.
+    `parts`: (RolloutBatch, problems, scores, rewards, keep [groups] bool)."""
+    P = max(p[0].prompt_ids.shape[1] for p in parts); T = max(p[0].response_ids.shape[1] for p in parts)
+    out = {k: [] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "sample_logp", "scores", "rewards")}
+    out["texts"], out["problems"] = [], []
+    for rb, problems, scores, rewards, keep in parts:
+        rows = keep.repeat_interleave(group_size).nonzero().squeeze(-1)
+        out["prompt_ids"].append(_pad_rows(rb.prompt_ids[rows], P, pad_id, left=True))
+        out["prompt_mask"].append(_pad_rows(rb.prompt_mask[rows], P, False, left=True))
+        out["response_ids"].append(_pad_rows(rb.response_ids[rows], T, pad_id))
+        out["response_mask"].append(_pad_rows(rb.response_mask[rows], T, False))
+        out["sample_logp"].append(_pad_rows(rb.sampling_logprobs.float()[rows], T, 0.0))
+        out["scores"].append(scores[rows]); out["rewards"].append(rewards[rows])
+        out["texts"] += [rb.texts[i] for i in rows.tolist()]
+        out["problems"] += [problems[g] for g in keep.nonzero().squeeze(-1).tolist()]
+    return {k: (torch.cat(v) if k not in ("texts", "problems") else v) for k, v in out.items()}
+
+def _round_seed(base: int, r: int) -> int:
+    "The rollout seed of resampling round r (round 0 is the step's seed): no extra draw from the saved generator."
+    return base if r == 0 else (base + r * 2_654_435_761) % (2**31 - 1)
+
+_REDUCE_MAX, _REDUCE_MIN = ("/max", "_max"), ("/min", "_min")
+
+def reduce_update_metrics(records: list[tuple[dict, int]]) -> dict:
+    """One value per metric over a step's micro-batches: maxima and minima (names ending in /max, /min) over all of
+    them, every other metric the token-weighted mean (weights: each micro-batch's valid tokens), so that fractions and
+    means are those of the whole step's tokens."""
+    out, tot = {}, {}
+    for m, n in records:
+        for k, v in m.items():
+            v = float(v)
+            if k.endswith(_REDUCE_MAX):
+                out[k] = max(out.get(k, -math.inf), v)
+            elif k.endswith(_REDUCE_MIN):
+                out[k] = min(out.get(k, math.inf), v)
+            else:
+                w = max(n, 1e-12)
+                out[k] = out.get(k, 0.0) + w * v; tot[k] = tot.get(k, 0.0) + w
+    return {k: (v / tot[k] if k in tot else v) for k, v in out.items()}
+
+class StepPipeline:
+    """The phases of `Trainer.train_step`, each a method: rollout (sampler, grader, reward shapers, group filter and
+    resampling) → score (old log-probs, entropy, and what the stages declared: reference log-probs, segment ids,
+    per-token quantities) → advantages → update (loss + regularizers per micro-batch) → metrics."""
+
+    def train_step(self, step: int) -> dict:
+        "One RLVR step; returns its metrics (over all processes' groups)."
+        times = {}
+        with _timed(times, "rollout"):
+            batch, sampling = self._rollout(step)
+        if batch is None:
+            return {"step": step + 1, **sampling, "update_skipped": 1, "time_rollout_s": times["rollout"]}
+        orders = self._minibatch_orders(len(batch))
+        with _timed(times, "score"):
+            self._score(batch, first_minibatch=orders[0].tensor_split(self.config.minibatches)[0])
+        with _timed(times, "advantages"):
+            batch.set_advantages(self._advantages(batch))
+        with _timed(times, "update"):
+            updates = self._update(batch, orders)
+        return self._step_metrics(step, batch, sampling, updates, times)
+
+    # ---- rollout: sampler → grader → shapers → filter (→ resample) -------------------------------------------
+    def _draw(self, step: int, r: int, base: int):
+        "Round r of step `step`: this process's share of the step's prompts, sampled, graded and shaped."
+        c = self.config
+        problems = _sample_problems(self.task, c.prompts_per_step, "train", seed=c.seed * 1_000_003 + step + r * 1_000_000_007)
+        seeds = [_round_seed(base, r) * 1_000_003 + i for i in range(c.prompts_per_step)]
+        problems, seeds = problems[self.groups], seeds[self.groups]          # whole groups per process
+        rb = self.engine.generate(_prompts(self.tokenizer, problems, self.task), num_samples=c.group_size,
+                                  max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seeds,
+                                  sampler=c.sampler, sampler_options=c.sampler_options)
+        gids = rb.group_ids.tolist() if torch.is_tensor(rb.group_ids) else list(rb.group_ids)
+        if gids != [i // c.group_size for i in range(len(gids))]:
+            raise RuntimeError("rollout groups must be contiguous (prompt i → rows i*G..i*G+G-1)")
+        grade = self.reward_fn or self.task.reward
+        scores = torch.tensor([float(grade(t, problems[g])) for t, g in zip(rb.texts, gids)], dtype=torch.float32)
+        view = {"lengths": rb.response_mask.sum(-1), "mask": rb.response_mask, "scores": scores, "texts": rb.texts,
+                "response_ids": rb.response_ids, "max_new_tokens": c.max_new_tokens}
+        rewards, shaping = scores.clone(), {}
+        for name, opts in c.reward_shaping_options.items():
+            rewards, m = REWARD_SHAPERS.get(name).fn(rewards, view, **opts)
+            shaping.update(m)
+        keep = (GROUP_FILTERS.get(c.group_filter).fn(rewards, c.group_size, view, **c.group_filter_options)
+                if c.group_filter else torch.ones(len(problems), dtype=torch.bool))
+        return (rb, problems, scores, rewards, keep.bool().cpu()), shaping
+
+    def _rollout(self, step: int):
+        "Sample until the step has its groups (or the resampling bound is hit); the boundary StepBatch, validated."
+        c, acc = self.config, self.accelerator
+        target = len(range(self.config.prompts_per_step)[self.groups])   # this process's groups
+        rounds = 1 + (c.max_resample if c.dynamic_sampling else 0)
+        base = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generators["rollout"]))
+        parts, shaping, kept, drawn = [], [], 0, 0
+        self.model.eval()  # no dropout: the old and new log-probs come from the same function
+        with torch.no_grad(), acc.autocast(), self._full_params():
+            self.engine.sync_weights(self.unwrapped)
+            for r in range(rounds):
+                part, m = self._draw(step, r, base)
+                parts.append(part); shaping.append(m)
+                drawn += len(part[4]); kept += int(part[4].sum())
+                if kept >= target:
+                    break
+            self.engine.release()
+        n = min(kept, target)
+        sampling = self._sampling_metrics(parts, shaping, r + 1, drawn, kept)
+        if self.world_size > 1:       # every process trains on the same number of groups (gathered rows must match)
+            n = int(all_reduce(torch.tensor(n, device=acc.device), "min"))
+        if c.dynamic_sampling and n < target:
+            sampling["sampling/bound_hit"] = 1
+            import warnings
+            warnings.warn(f"dynamic sampling: {n} of {target} groups passed the {c.group_filter!r} filter after {rounds} "
+                          f"sampling rounds (max_resample={c.max_resample}); "
+                          + ("skipping this step's update" if n == 0 else "training on those"), stacklevel=2)
+        if n == 0 or n * c.group_size < c.minibatches * c.grad_accum:
+            return None, sampling
+        parts = _cap_groups(parts, n)
+        t = _take_groups(parts, c.group_size, self.tokenizer.pad_token_id)
+        dev = acc.device
+        batch = StepBatch(ids=torch.cat([t["prompt_ids"], t["response_ids"]], 1).to(dev),
+                          attn=torch.cat([t["prompt_mask"], t["response_mask"]], 1).long().to(dev),
+                          mask=t["response_mask"].bool().to(dev), sample_logp=t["sample_logp"].to(dev),
+                          scores=t["scores"].to(dev), rewards=t["rewards"].to(dev), group_size=c.group_size,
+                          max_new_tokens=c.max_new_tokens, texts=t["texts"])
+        return batch.validate(), sampling
+
+    def _sampling_metrics(self, parts: list, shaping: list, rounds: int, drawn: int, kept: int) -> dict:
+        "Counts of the rollout rounds, and the drawn rows' reward and shaping means, over all processes."
+        rows = [len(p[3]) for p in parts]
+        keys = sorted({k for m in shaping for k in m})
+        sums = torch.tensor([float(rounds), drawn, kept, float(sum(rows)), sum(float(p[3].double().sum()) for p in parts)]
+                            + [sum(m.get(k, 0.0) * n for m, n in zip(shaping, rows)) for k in keys], dtype=torch.float64)
+        if self.world_size > 1:
+            dev = self.accelerator.device
+            rounds = int(all_reduce(torch.tensor(rounds, device=dev), "max"))
+            sums = all_reduce(sums.to(dev)).cpu()
+        out = {"sampling/rounds": rounds, "sampling/groups_drawn": int(sums[1]), "sampling/groups_dropped": int(sums[1] - sums[2]),
+               "sampling/reward_mean_drawn": float(sums[4] / sums[3])}
+        return {**out, **{k: float(v / sums[3]) for k, v in zip(keys, sums[5:])}}
+
+    # ---- score: the old policy, and what the stages declared ---------------------------------------------------
+    def _minibatch_orders(self, B: int) -> list:
+        c = self.config
+        return [torch.randperm(B, generator=self.generators["shuffle"]) if c.minibatches > 1 else torch.arange(B)
+                for _ in range(c.epochs_per_step)]
+
+    def _score(self, batch: StepBatch, first_minibatch: torch.Tensor) -> None:
+        """Old log-probs and entropy (no grad). Rows of the first minibatch are scored by its own forward before any
+        update (exactly the old policy), unless a stage that runs before the update needs them: then all rows here."""
+        c, dev, needs = self.config, self.accelerator.device, self.needs
+        B = len(batch)
+        batch.old_logp = torch.zeros(batch.mask.shape, dtype=torch.float32, device=dev)
+        batch.entropy = torch.zeros_like(batch.old_logp)
+        early = (needs["advantage"] | needs["group_filter"] | needs["reward_shaping"]) & {"old_logp", "entropy"}
+        quantities = sorted(needs["loss"] & set(QUANTITIES.names()))
+        rows = torch.ones(B, dtype=torch.bool)
+        if not early and not quantities:
+            rows[first_minibatch] = False
+        rows = rows.nonzero().squeeze(-1)
+        self._old_scored = len(rows) == B
+        chunks = rows.tensor_split(max(1, min(len(rows), c.minibatches * c.grad_accum))) if len(rows) else []
+        with torch.no_grad():
+            for i in chunks:
+                i = i.to(dev)
+                batch.old_logp[i], batch.entropy[i] = self._forward(batch.ids[i], batch.attn[i], batch.mask[i])
+            if quantities:
+                batch.quantities = self._quantities(batch, quantities, chunks)
+            if "ref_logp" in needs["loss"]:
+                batch.ref_logp = self._reference_logp(batch, chunks or [torch.arange(B)])
+        if "segment_ids" in needs["loss"]:
+            from entropy_rl.ratios import delimiter_ids_from_tokenizer, segment_ids_from_delimiters
+            if getattr(self, "_delimiters", None) is None:
+                self._delimiters = delimiter_ids_from_tokenizer(self.tokenizer)
+            batch.segment_ids = segment_ids_from_delimiters(batch.response_ids, self._delimiters, batch.mask)
+
+    def _reference_logp(self, batch: StepBatch, chunks) -> torch.Tensor:
+        "Log-probs of the sampled tokens under the frozen reference: the initial weights (LoRA: the adapter switched off)."
+        c, dev = self.config, self.accelerator.device
+        out = torch.zeros(batch.mask.shape, dtype=torch.float32, device=dev)
+        with torch.no_grad(), self.accelerator.autocast(), self._full_params():
+            for i in chunks:
+                i = i.to(dev)
+                args = (batch.ids[i], batch.attn[i], batch.mask[i], c.temperature, c.fused)
+                if self.reference is None:                          # LoRA: the base model is the reference
+                    with self.unwrapped.disable_adapter():
+                        out[i] = policy_logprobs_and_entropy(self.unwrapped, *args)[0]
+                else:
+                    out[i] = policy_logprobs_and_entropy(self.reference, *args)[0]
+        return out
+
+    def _quantities(self, batch: StepBatch, names: list, chunks) -> dict:
+        """Declared per-token quantities of the old policy (`entropy_rl.registry.QUANTITIES`), from its final hidden
+        states and output head, chunk by chunk; each takes the options of the same name the loss configuration sets."""
+        c, dev = self.config, self.accelerator.device
+        T = batch.mask.shape[1]
+        opts = {**self.config.loss_options, **{k: v for o in self.config.regularizers.values() for k, v in o.items()}}
+        out = {n: torch.zeros(batch.mask.shape, dtype=torch.float32, device=dev) for n in names}
+        with torch.no_grad(), self.accelerator.autocast(), self._full_params():
+            head = self.unwrapped.get_output_embeddings().weight
+            for i in chunks:
+                i = i.to(dev)
+                hidden = _response_hidden(self.unwrapped, batch.ids[i], batch.attn[i], T)
+                flat = hidden.reshape(-1, hidden.shape[-1])
+                labels = batch.response_ids[i].masked_fill(~batch.mask[i], -100).reshape(-1)
+                for n in names:
+                    e = QUANTITIES.get(n)
+                    q = e.fn(flat, head, labels, c.temperature, **{k: opts.get(k, d) for k, d in e.defaults.items()})
+                    out[n][i] = torch.where(batch.mask[i], q.view(len(i), T).float(), torch.zeros((), device=dev))
+        return out
+
+    # ---- advantages ------------------------------------------------------------------------------------------
+    def _advantages(self, batch: StepBatch) -> torch.Tensor:
+        c = self.config
+        return ADVANTAGES.get(c.advantage).fn(batch.rewards, c.group_size, batch, **c.advantage_options)
+
+    # ---- update ------------------------------------------------------------------------------------------------
+    def _loss_inputs(self, batch: StepBatch, micro, H: torch.Tensor) -> dict:
+        "What the loss declared it needs, for one micro-batch (the current entropy carries its gradient)."
+        need, out = self.needs["loss"], {}
+        if "entropy" in need: out["entropy"] = H
+        if "ref_logp" in need: out["ref_logp"] = batch.ref_logp[micro]
+        if "segment_ids" in need: out["segment_ids"] = batch.segment_ids[micro]
+        if "generator" in need: out["generator"] = self.generators["loss"]
+        if batch.quantities: out["inputs"] = {n: q[micro] for n, q in batch.quantities.items()}
+        if self.config.tis_cap is not None:
+            out["token_weights"] = tis_weights(batch.old_logp[micro], batch.sample_logp[micro], batch.mask[micro],
+                                               self.config.tis_cap)
+        return out
+
+    def _update(self, batch: StepBatch, orders: list) -> dict:
+        "Epochs × minibatches × micro-batches of the loss; returns the reduced update metrics."
+        c, acc = self.config, self.accelerator
+        options = {**c.loss_options, **c._regularizer_terms()}
+        records, grad_norms, losses, n_tokens = [], [], [], 0
+        for epoch, order in enumerate(orders):
+            for mbi, mb in enumerate(order.tensor_split(c.minibatches)):
+                for micro in mb.tensor_split(c.grad_accum):
+                    micro = micro.to(acc.device)
+                    with acc.accumulate(self.model):
+                        logp, H = self._forward(batch.ids[micro], batch.attn[micro], batch.mask[micro])
+                        if epoch == 0 and mbi == 0 and not self._old_scored:
+                            batch.old_logp[micro], batch.entropy[micro] = logp.detach(), H.detach()
+                        loss, lm = global_policy_loss(c.algo, logp, batch.old_logp[micro], batch.advantages[micro],
+                                                      batch.mask[micro], scope=c.batch_scope, check=False,
+                                                      **options, **self._loss_inputs(batch, micro, H))
+                        acc.backward(loss)
+                        if acc.sync_gradients:
+                            grad_norms.append(float(acc.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)))
+                        self.optimizer.step(); self.optimizer.zero_grad()
+                        if acc.sync_gradients:
+                            self.scheduler.step()
+                    losses.append(float(loss.detach()))
+                    records.append(({k: float(v) for k, v in lm.items()
+                                     if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))},
+                                    int(lm.get("n_tokens", 0))))
+                    n_tokens += int(batch.attn[micro].sum())
+        out = {**reduce_update_metrics(records), "loss": sum(losses) / len(losses)}
+        out.pop("n_tokens", None); out.pop("n_loss_tokens", None)
+        if self.world_size > 1:        # global scope: identical on every process already; local scope: the mean
+            out = mean_across(out)
+            n_tokens = int(all_reduce(torch.tensor(n_tokens, device=acc.device)))
+        return {**out, "grad_norm": sum(grad_norms) / max(1, len(grad_norms)), "_train_tokens": n_tokens}
+
+    # ---- metrics -----------------------------------------------------------------------------------------------
+    def _step_metrics(self, step: int, batch: StepBatch, sampling: dict, updates: dict, times: dict) -> dict:
+        "Every metric once, from the whole step's batch (all processes' rows)."
+        c, dev = self.config, self.accelerator.device
+        width = int(all_reduce(torch.tensor(batch.mask.shape[1], device=dev), "max"))
+        g = lambda x, pad=0: gather_rows(x, width, pad)
+        gmask = g(batch.mask, False)
+        m = {"step": step + 1}
+        m.update(rollout_metrics(g(batch.rewards), c.group_size, g(batch.old_logp), g(batch.entropy), g(batch.sample_logp),
+                                 g(batch.advantages), gmask, scores=g(batch.scores)))
+        train_tokens = updates.pop("_train_tokens")
+        m.update(updates)
+        m.update(sampling)
+        n_resp, dt = int(gmask.sum()), sum(times.values())
+        m.update({"lr": self.scheduler.get_last_lr()[0], "processes": self.world_size,
+                  **{f"time_{k}_s": v for k, v in times.items()}, "time_step_s": dt,
+                  "tokens_per_s": n_resp / dt, "gen_tokens_per_s": n_resp / max(times["rollout"], 1e-9),
+                  "train_tokens_per_s": train_tokens / max(times["update"], 1e-9)})
+        return m
+
+class _timed:
+    "Context manager adding the block's wall time to `times[name]`."
+    def __init__(self, times: dict, name: str): self.times, self.name = times, name
+    def __enter__(self): self.t0 = time.perf_counter()
+    def __exit__(self, *exc): self.times[self.name] = self.times.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+def _cap_groups(parts: list, n: int) -> list:
+    "Keep the first `n` kept groups in sampling order (DAPO discards the surplus of the last round)."
+    out, left = [], n
+    for rb, problems, scores, rewards, keep in parts:
+        idx = keep.nonzero().squeeze(-1)
+        k = keep.clone(); k[idx[left:]] = False
+        left -= int(k.sum())
+        out.append((rb, problems, scores, rewards, k))
+    return [p for p in out if p[4].any()]
+
+# %% ../nbs/11_trainer.ipynb #086904e9
+def _stage_rows(config: TrainConfig) -> list:
+    "(stage label, config key, registry, names switched on) per stage, in the order a step runs them."
+    from entropy_rl.losses import LOSSES
+    regs = {**config.regularizers, **({"kl": {}} if config.kl_coef else {}),
+            **({"entropy": {}} if config.loss_options.get("entropy_coef") else {})}
+    return [("sampler", "sampler", SAMPLERS, {config.sampler}),
+            ("reward shapers", "reward_shaping", REWARD_SHAPERS, set(config.reward_shaping)),
+            ("group filter", "group_filter", GROUP_FILTERS, {config.group_filter} - {None}),
+            ("advantages", "advantage", ADVANTAGES, {config.advantage}),
+            ("loss", "algo", LOSSES, {config.algo}),
+            ("regularizers", "regularizers", REGULARIZERS, set(regs))]
+
+def plot_pipeline(config: TrainConfig | dict | None = None):
+    "The step's stages left to right, each with its registered entries; the config's choices highlighted."
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+    config = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config or {})
+    rows = _stage_rows(config)
+    n_max = max(len(r[2].names()) for r in rows)
+    fig, ax = plt.subplots(figsize=(2.2 * len(rows), 1.2 + 0.32 * n_max))
+    for x, (label, key, reg, on) in enumerate(rows):
+        ax.add_patch(FancyBboxPatch((x + 0.05, n_max + 0.2), 0.9, 0.7, boxstyle="round,pad=0.02", fc="#dde7f3", ec="#456"))
+        ax.text(x + 0.5, n_max + 0.62, label, ha="center", va="center", fontsize=10, weight="bold")
+        ax.text(x + 0.5, n_max + 0.35, key, ha="center", va="center", fontsize=7, family="monospace", color="#345")
+        if x < len(rows) - 1:
+            ax.annotate("", (x + 1.05, n_max + 0.55), (x + 0.95, n_max + 0.55), arrowprops=dict(arrowstyle="->", lw=1.5))
+        for j, name in enumerate(reg.names()):
+            ax.text(x + 0.5, n_max - 0.35 - j * 0.9, name, ha="center", va="center", fontsize=8, family="monospace",
+                    color="white" if name in on else "#333",
+                    bbox=dict(boxstyle="round,pad=0.25", fc="#c0392b" if name in on else "#f4f4f4", ec="none"))
+    ax.set_xlim(0, len(rows)); ax.set_ylim(-0.9 * (n_max - 1) + n_max - 1.0, n_max + 1.0); ax.axis("off")
+    ax.set_title(f"one step: recipe={config.recipe}" if config.recipe else "one step", fontsize=10)
+    fig.tight_layout()
+    return fig
+
 # %% ../nbs/11_trainer.ipynb #ef8e4f38
 def _set_seed(seed: int) -> None:
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
 # %% ../nbs/11_trainer.ipynb #bac2d381
-PLOT_KEYS = ("reward_mean", "pass_rate", "entropy", "cov_mean", "response_len", "ratio_max", "loss", "tokens_per_s")
+PLOT_KEYS = ("reward_mean", "pass_rate", "entropy", "cov_mean", "response_len", "ratio/max", "loss", "tokens_per_s")
 
 def plot_metrics(records: list[dict] | str | Path, keys: tuple = PLOT_KEYS, title: str = ""):
     "A grid of per-step curves (one panel per metric present) from records or a run directory."
@@ -397,7 +904,7 @@ class TrainResult:
     model: Any = None
     tokenizer: Any = None
 
-class Trainer:
+class Trainer(StepPipeline):
     """The RLVR loop: rollout → reward → advantages → old log-probs → minibatch updates → metrics → checkpoint.
     Under `accelerate launch` / `torchrun` each process samples its share of whole groups and the loss is computed
     over all processes' rows (`batch_scope`, see `entropy_rl.distributed`); process 0 writes logs and checkpoints."""
@@ -430,12 +937,20 @@ class Trainer:
             model, tokenizer = build_model(c)
         self.tokenizer = tokenizer
         self.task = build_task(c)
+        self.needs = c.needs()
+        # the frozen reference of the KL term: the initial weights (with LoRA, the base model with the adapter off)
+        self.reference = None
+        if "ref_logp" in self.needs["loss"] and not c.lora_rank:
+            import copy
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
         total = c.steps * c.epochs_per_step * c.minibatches
         # the scheduler stays outside accelerate.prepare: its wrapper steps W times per call in W processes
         self.scheduler = _scheduler(optimizer, c, total)
         self.model, self.optimizer = self.accelerator.prepare(PolicyScorer(model, c.temperature, c.fused), optimizer)
+        if self.reference is not None:
+            self.reference.to(self.accelerator.device)
         if is_fsdp1(self.model):
             raise ValueError("FSDP version 1 is not supported (generation and checkpoints need FSDP2's per-unit "
                              "control): set fsdp_version: 2 in the accelerate config")
@@ -456,22 +971,6 @@ class Trainer:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    def _loss_kwargs(self, entropy: torch.Tensor, response_ids: torch.Tensor, mask: torch.Tensor) -> dict:
-        """The user's loss options, plus what the loss declares it takes and the user did not give: the
-        entropy, the trainer's seeded generator, segment ids cut at the tokenizer's delimiter tokens."""
-        accepted = loss_options(self.config.algo)
-        kw = dict(self.config.loss_options)
-        if "segment_ids" in accepted and kw.get("segment_ids") is None:
-            from entropy_rl.ratios import delimiter_ids_from_tokenizer, segment_ids_from_delimiters
-            if getattr(self, "_delimiters", None) is None:
-                self._delimiters = delimiter_ids_from_tokenizer(self.tokenizer)
-            kw["segment_ids"] = segment_ids_from_delimiters(response_ids, self._delimiters, mask)
-        if "entropy" in accepted and "entropy" not in kw:
-            kw["entropy"] = entropy
-        if "generator" in accepted and kw.get("generator") is None:
-            kw["generator"] = self.generators["loss"]
-        return kw
-
     def _forward(self, ids, attn, mask):
         with self.accelerator.autocast():
             return self.model(ids, attn, mask)
@@ -479,100 +978,6 @@ class Trainer:
     def _full_params(self):
         "The whole weights on every process for generation (FSDP gathers its shards; otherwise nothing to do)."
         return gathered_params(self.model)
-
-    def train_step(self, step: int) -> dict:
-        "One RLVR step; returns its metrics (over all processes' groups)."
-        c, acc = self.config, self.accelerator
-        t0 = time.perf_counter()
-        problems = _sample_problems(self.task, c.prompts_per_step, "train", seed=c.seed * 1_000_003 + step)
-        base = int(torch.randint(0, 2**31 - 1, (1,), generator=self.generators["rollout"]))
-        seeds = [base * 1_000_003 + i for i in range(c.prompts_per_step)]   # one per prompt of the global batch
-        problems, seeds = problems[self.groups], seeds[self.groups]          # whole groups per process
-        self.model.eval()  # no dropout: the old and new log-probs come from the same function
-        with torch.no_grad(), acc.autocast(), self._full_params():
-            self.engine.sync_weights(self.unwrapped)
-            batch = _generate(self.engine, _prompts(self.tokenizer, problems, self.task), c.group_size, c,
-                              self.generators["rollout"], seeds=seeds)
-            self.engine.release()
-        t_roll = time.perf_counter() - t0
-        gids = batch.group_ids.tolist() if torch.is_tensor(batch.group_ids) else list(batch.group_ids)
-        if gids != [i // c.group_size for i in range(len(gids))]:
-            raise RuntimeError("rollout groups must be contiguous (prompt i → rows i*G..i*G+G-1)")
-        reward = self.reward_fn or self.task.reward
-        rewards = torch.tensor([float(reward(t, problems[g])) for t, g in zip(batch.texts, gids)], dtype=torch.float32)
-        adv = group_advantages(rewards, c.group_size, normalize_std=c.normalize_adv_std).float()
-        dev = acc.device
-        ids = torch.cat([batch.prompt_ids, batch.response_ids], 1).to(dev)
-        attn = torch.cat([batch.prompt_mask.long(), batch.response_mask.long()], 1).to(dev)
-        mask = batch.response_mask.bool().to(dev)
-        sample_logp = batch.sampling_logprobs.float().to(dev)
-        adv = adv.to(dev)
-        B, T = mask.shape
-        width = int(all_reduce(torch.tensor(T, device=dev), "max"))      # the global batch's response width
-        t1 = time.perf_counter()
-        orders = [torch.randperm(B, generator=self.generators["shuffle"]) if c.minibatches > 1 else torch.arange(B)
-                  for _ in range(c.epochs_per_step)]
-        # Old log-probs: rows of the first minibatch are scored before any update, so their grad forward
-        # gives them exactly (detached); only the other rows need a no-grad pass before the first update.
-        first = orders[0].tensor_split(c.minibatches)[0]
-        old_logp = torch.zeros(mask.shape, dtype=torch.float32, device=dev); old_H = torch.zeros_like(old_logp)
-        rest = torch.ones(B, dtype=torch.bool); rest[first] = False
-        rest = rest.nonzero().squeeze(-1)
-        if len(rest):
-            with torch.no_grad():
-                for i in rest.tensor_split(max(1, (c.minibatches - 1) * c.grad_accum)):
-                    i = i.to(dev)
-                    old_logp[i], old_H[i] = self._forward(ids[i], attn[i], mask[i])
-        loss_metrics, ratio_parts, grad_norms, losses = [], [], [], []
-        n_tokens = 0
-        for epoch, order in enumerate(orders):
-            for mbi, mb in enumerate(order.tensor_split(c.minibatches)):
-                for micro in mb.tensor_split(c.grad_accum):
-                    micro = micro.to(dev)
-                    with acc.accumulate(self.model):
-                        logp, H = self._forward(ids[micro], attn[micro], mask[micro])
-                        if epoch == 0 and mbi == 0:
-                            old_logp[micro], old_H[micro] = logp.detach(), H.detach()
-                        kw = self._loss_kwargs(H, ids[micro][:, -T:], mask[micro])
-                        if c.tis_cap is not None:
-                            kw["token_weights"] = tis_weights(old_logp[micro], sample_logp[micro], mask[micro], c.tis_cap)
-                        loss, lm = global_policy_loss(c.algo, logp, old_logp[micro], adv[micro], mask[micro],
-                                                      scope=c.batch_scope, **kw)
-                        acc.backward(loss)
-                        if acc.sync_gradients:
-                            gn = acc.clip_grad_norm_(self.model.parameters(), c.max_grad_norm)
-                            grad_norms.append(float(gn))
-                        self.optimizer.step(); self.optimizer.zero_grad()
-                        if acc.sync_gradients:
-                            self.scheduler.step()
-                    losses.append(float(loss.detach()))
-                    loss_metrics.append({k: float(v) for k, v in lm.items()
-                                         if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))})
-                    r = gather_rows(torch.exp(logp.detach() - old_logp[micro]), width, 1.0)
-                    ratio_parts.append(r[gather_rows(mask[micro], width, False)])
-                    n_tokens += int(attn[micro].sum())
-        t_train = time.perf_counter() - t1
-        metrics = {"step": step + 1}
-        g = lambda x, pad=0: gather_rows(x, width, pad)              # every process's rows, for the metrics
-        gmask = g(mask, False)
-        metrics.update(rollout_metrics(g(rewards.to(dev)), c.group_size, g(old_logp), g(old_H), g(sample_logp),
-                                       g(adv), gmask))
-        ratios = torch.cat(ratio_parts).double()
-        metrics.update({"ratio_mean": ratios.mean().item(), "ratio_min": ratios.min().item(),
-                        "ratio_max": ratios.max().item(), "ratio_std": ratios.std(unbiased=False).item()})
-        loss_avg = {**_mean_dicts(loss_metrics), "loss": sum(losses) / len(losses)}
-        if self.world_size > 1:        # global scope: identical on every process already; local scope: the mean
-            loss_avg = mean_across(loss_avg)
-            n_tokens = int(all_reduce(torch.tensor(n_tokens, device=dev)))
-        metrics.update({k: v for k, v in loss_avg.items() if k not in metrics or k == "loss"})
-        n_resp = int(gmask.sum())
-        dt = time.perf_counter() - t0
-        metrics.update({"grad_norm": sum(grad_norms) / max(1, len(grad_norms)),
-                        "lr": self.scheduler.get_last_lr()[0], "processes": self.world_size,
-                        "time_rollout_s": t_roll, "time_train_s": t_train, "time_step_s": dt,
-                        "tokens_per_s": n_resp / dt, "gen_tokens_per_s": n_resp / max(t_roll, 1e-9),
-                        "train_tokens_per_s": n_tokens / max(t_train, 1e-9)})
-        return metrics
 
     def _trainable(self) -> dict:
         return {n: p for n, p in self.unwrapped.named_parameters() if p.requires_grad}
@@ -747,7 +1152,7 @@ class Trainer:
                         self.save(self.step)
                         last_save = time.monotonic()
                     bar.update(1)
-                    bar.set_postfix(reward=f"{m['reward_mean']:.2f}", H=f"{m['entropy']:.2f}")
+                    bar.set_postfix(reward=f"{m.get('reward_mean', math.nan):.2f}", H=f"{m.get('entropy', math.nan):.2f}")
                     if signum:
                         raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {self.step} of {c.steps}; "
                                           f"its checkpoint is in {self.run_dir}: run the same command again to continue",

@@ -141,3 +141,19 @@ def test_finite_difference_grad_accepts_python_numbers():
     z = torch.tensor([0.5, -1.0], dtype=torch.float64)
     g = toy.finite_difference_grad(lambda v: float((v ** 3).sum()), z)
     assert torch.allclose(g, 3 * z ** 2, atol=1e-8)
+
+
+def test_selection_fraction_zero_selects_nothing():
+    "Clip-Cov / KL-Cov with a selection fraction of 0 are switched off: no token selected, the plain loss."
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(4, 6, generator=g, dtype=torch.float64)
+    old = logp + 0.1 * torch.randn(4, 6, generator=g, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5], dtype=torch.float64)[:, None].expand(4, 6)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    loss, sel = cv.clip_cov_loss(logp, old, adv, mask, clip_ratio=0.0, cov_lb=-10, cov_ub=10)
+    r = torch.exp(logp - old)
+    assert not sel.any()
+    torch.testing.assert_close(loss, -torch.minimum(r * adv, r.clamp(0.8, 1.2) * adv))
+    loss, sel = cv.kl_cov_loss(logp, old, adv, mask, k=0.0)
+    assert not sel.any()
+    torch.testing.assert_close(loss, -adv * r)

@@ -28,7 +28,7 @@ def test_resume_after_interrupt_matches_uninterrupted(tmp_path):
     resumed = train(steps=4, output_dir=str(tmp_path / "split"), **kw).metrics
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert strip_timing(full) == strip_timing(resumed)          # exact, not approximate
-    assert any(r["ratio_max"] != 1.0 for r in full)            # the updates did move the policy
+    assert any(r["ratio/max"] != 1.0 for r in full)            # the updates did move the policy
 
 
 def test_crash_mid_step_loses_only_that_step(tmp_path):
@@ -74,9 +74,9 @@ def test_fused_and_unfused_runs_agree(tmp_path):
     kw = dict(TINY, minibatches=2, reward_fn=odd_length)     # the second minibatch sees ratios != 1
     a = train(steps=2, output_dir=str(tmp_path / "f"), **kw, fused=True).metrics
     b = train(steps=2, output_dir=str(tmp_path / "u"), **kw, fused=False).metrics
-    assert any(r["ratio_max"] > 1 + 1e-4 for r in a)
+    assert any(r["ratio/max"] > 1 + 1e-4 for r in a)
     for x, y in zip(strip_timing(a), strip_timing(b)):
-        for k in ("reward_mean", "entropy", "loss", "grad_norm", "ratio_max", "ratio_min"):
+        for k in ("reward_mean", "entropy", "loss", "grad_norm", "ratio/max", "ratio/min"):
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), k
 
 
@@ -89,11 +89,11 @@ def test_every_registered_loss_trains(tmp_path, algo):
     res = train(steps=1, output_dir=str(tmp_path / algo), **{**TINY, "minibatches": 2}, algo=algo,
                 loss_options=SELECTING.get(algo, {}), reward_fn=odd_length)
     m = res.metrics[0]
-    for k in ("reward_mean", "pass_rate", "entropy", "cov_mean", "ratio_mean", "response_len", "tokens_per_s", "loss"):
+    for k in ("reward_mean", "pass_rate", "entropy", "cov_mean", "ratio/mean", "response_len", "tokens_per_s", "loss"):
         assert k in m and m[k] == m[k], k                         # present and not NaN
     assert m["pass_rate"] == m["reward_mean"]                     # binary rewards
     assert m["grad_norm"] > 0                                     # the loss reached the weights
-    assert m["ratio_max"] > 1 + 1e-4 or m["ratio_min"] < 1 - 1e-4  # the second minibatch is off-policy
+    assert m["ratio/max"] > 1 + 1e-4 or m["ratio/min"] < 1 - 1e-4  # the second minibatch is off-policy
     if algo in SELECTING:
         assert m["selected_frac"] > 0, m["selected_frac"]
 

@@ -1,0 +1,197 @@
+"""The step as a pipeline of registered stages (issue 15): every entry of every stage trains one step on the tiny
+model; dynamic sampling and its bound; recipes through config.json and resume; the reference KL; one name per metric;
+the equality tests (resume = uninterrupted, fused = unfused) with the new stages on."""
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from entropy_rl.advantages import list_advantages, list_group_filters, list_reward_shapers
+from entropy_rl.losses import list_regularizers
+from entropy_rl.rollout import list_samplers
+from entropy_rl.trainer import (TrainConfig, Trainer, list_recipes, load_recipe, read_metrics, reduce_update_metrics,
+                                train)
+
+TINY = dict(model="tiny", prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-2, progress=False, plot=False,
+            task_options={"instruction": None})
+
+
+def odd_length(text, problem):
+    "Stand-in verifier: a random model never solves a sum; this gives groups reward variance."
+    return float(len(text) % 2)
+
+
+def strip_timing(records):
+    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in records]
+
+
+def _finite_core(m):
+    for k in ("reward_mean", "entropy", "loss", "grad_norm", "ratio/mean", "cov_mean"):
+        assert k in m and math.isfinite(m[k]), (k, m.get(k))
+
+
+STAGE_CASES = ([("sampler", n) for n in list_samplers()] + [("reward_shaping", n) for n in list_reward_shapers()]
+               + [("group_filter", n) for n in list_group_filters()] + [("advantage", n) for n in list_advantages()]
+               + [("regularizer", n) for n in list_regularizers()])
+
+
+@pytest.mark.parametrize("stage,name", STAGE_CASES)
+def test_every_registered_stage_entry_trains_one_step(tmp_path, stage, name):
+    kw = dict(TINY, minibatches=2, reward_fn=odd_length)
+    if stage == "reward_shaping":
+        kw["reward_shaping"] = [name]
+    elif stage == "regularizer":
+        kw["regularizers"] = {name: {"coef": 0.1}}
+    else:
+        kw[stage] = name
+    res = train(steps=1, output_dir=str(tmp_path / name), **kw)
+    m = res.metrics[0]
+    _finite_core(m)
+    assert m["grad_norm"] > 0
+    if stage == "regularizer":
+        assert f"reg/{name}" in m and math.isfinite(m[f"reg/{name}"])
+    cfg = json.loads((tmp_path / name / "config.json").read_text())
+    assert TrainConfig.from_dict(cfg).to_dict() == cfg                      # the resolved stages are recorded
+
+
+def test_dynamic_sampling_hits_its_bound_and_says_so(tmp_path):
+    "A task whose groups always agree: every round is dropped, the bound is hit, a warning names it, no update."
+    with pytest.warns(UserWarning, match="dynamic sampling: 0 of 2 groups .* after 3 sampling rounds"):
+        res = train(steps=1, output_dir=str(tmp_path / "r"), **TINY, dynamic_sampling=True, max_resample=2,
+                    reward_fn=lambda text, problem: 1.0)
+    m = res.metrics[0]
+    assert m["sampling/bound_hit"] == 1 and m["sampling/rounds"] == 3 and m["update_skipped"] == 1
+    assert m["sampling/groups_drawn"] == 6 and m["sampling/groups_dropped"] == 6
+
+
+def test_dynamic_sampling_fills_the_step_with_groups_that_have_signal(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # the bound must not be hit here
+        res = train(steps=2, output_dir=str(tmp_path / "r"), **TINY, dynamic_sampling=True, max_resample=8,
+                    reward_fn=odd_length)
+    for m in res.metrics:
+        assert m["groups_with_signal"] == 1.0     # only groups whose rewards differ were trained on
+        assert m["sampling/groups_drawn"] - m["sampling/groups_dropped"] >= 2
+        assert "update_skipped" not in m
+
+
+def test_group_filter_counts_match_an_independent_count(tmp_path):
+    "Without resampling the filter drops exactly the groups whose scores are all equal (recounted from the texts)."
+    texts = []
+
+    def grade(text, problem):
+        texts.append(text)
+        return odd_length(text, problem)
+
+    res = train(steps=1, output_dir=str(tmp_path / "r"), **{**TINY, "prompts_per_step": 4}, group_filter="equal_rewards",
+                reward_fn=grade)
+    g = [[odd_length(t, None) for t in texts[i:i + 4]] for i in range(0, 16, 4)]
+    flat = sum(len(set(x)) == 1 for x in g)
+    m = res.metrics[0]
+    assert m["sampling/groups_dropped"] == flat and m["sampling/groups_drawn"] == 4
+    if flat < 4:
+        assert m["groups_with_signal"] == 1.0
+
+
+def test_recipes_ship_and_resolve():
+    assert {"grpo", "dapo", "dr_grpo", "clip_cov", "kl_cov", "gspo"} <= set(list_recipes())
+    for name in list_recipes():
+        cfg = TrainConfig.from_dict(recipe=name, model="tiny")
+        assert cfg.recipe == name
+    dapo = TrainConfig.from_dict(recipe="dapo")
+    assert dapo.algo == "dapo" and dapo.dynamic_sampling and dapo.group_filter == "equal_rewards"
+    assert dapo.reward_shaping == ["overlong"] and dapo.loss_options["clip_high"] == 0.28
+    # overrides win, dict fields merge key by key
+    o = TrainConfig.from_dict(recipe="clip_cov", loss_options={"clip_ratio": 0.01}, steps=3)
+    assert o.loss_options["clip_ratio"] == 0.01 and o.loss_options["cov_lb"] == 1.0 and o.steps == 3
+    with pytest.raises(ValueError, match="unknown recipe 'dappo'"):
+        TrainConfig.from_dict(recipe="dappo")
+    assert load_recipe("kl_cov")["loss_options"]["k"] == 0.002
+
+
+def test_recipe_round_trips_through_config_json_and_resumes(tmp_path):
+    kw = dict(TINY, reward_fn=odd_length, recipe="dapo", max_resample=2)
+    full = train(steps=3, output_dir=str(tmp_path / "full"), **kw).metrics
+    train(steps=2, output_dir=str(tmp_path / "split"), **kw)
+    cfg = json.loads((tmp_path / "split" / "config.json").read_text())
+    assert cfg["recipe"] == "dapo" and cfg["reward_shaping"] == ["overlong"] and cfg["dynamic_sampling"] is True
+    assert cfg["reward_shaping_options"]["overlong"] == {"max_length": None, "cache_length": None, "factor": 1.0}
+    resumed = train(steps=3, output_dir=str(tmp_path / "split"), **kw).metrics
+    assert strip_timing(full) == strip_timing(resumed)
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_reference_kl_is_zero_at_step_one_and_positive_after(tmp_path, lora_rank):
+    res = train(steps=3, output_dir=str(tmp_path / "r"), **{**TINY, "lr": 5e-2}, kl_coef=0.1, lora_rank=lora_rank,
+                reward_fn=odd_length)
+    kl = [m["kl/k3_mean"] for m in res.metrics]
+    assert kl[0] == 0.0                                         # the policy is the reference before any update
+    assert kl[1] > 0 and kl[2] > 0
+    t = Trainer(dict(TINY, kl_coef=0.1, lora_rank=lora_rank, output_dir=str(tmp_path / "x")))
+    assert (t.reference is None) == bool(lora_rank)             # LoRA: no second copy, the adapter is switched off
+
+
+def test_metrics_have_one_name_per_meaning(tmp_path):
+    m = train(steps=1, output_dir=str(tmp_path / "r"), **{**TINY, "minibatches": 2}, reward_fn=odd_length,
+              loss_options={"entropy_coef": 0.01}).metrics[0]
+    for dup in ("ratio_max", "ratio_min", "ratio_mean", "ratio_std", "entropy/mean", "time_train_s"):
+        assert dup not in m
+    assert m["ratio/min"] <= m["ratio/mean"] <= m["ratio/max"]
+
+
+def test_update_metrics_are_reduced_over_the_whole_step():
+    recs = [({"ratio/max": 1.5, "ratio/min": 0.9, "clip/frac": 0.5}, 2), ({"ratio/max": 1.1, "ratio/min": 0.7, "clip/frac": 0.0}, 6)]
+    out = reduce_update_metrics(recs)
+    assert out["ratio/max"] == 1.5 and out["ratio/min"] == 0.7
+    assert out["clip/frac"] == pytest.approx((0.5 * 2 + 0.0 * 6) / 8)   # the share of all 8 tokens
+
+
+def test_equalities_hold_with_new_stages_on(tmp_path):
+    "fused = unfused and resume = uninterrupted, with RLOO, overlong shaping, a filter and the reference KL on."
+    kw = dict(TINY, advantage="rloo", reward_shaping=["overlong"], group_filter="equal_rewards", kl_coef=0.05,
+              minibatches=2, reward_fn=odd_length)
+    full = train(steps=3, output_dir=str(tmp_path / "full"), **kw).metrics
+    train(steps=1, output_dir=str(tmp_path / "split"), **kw)
+    resumed = train(steps=3, output_dir=str(tmp_path / "split"), **kw).metrics
+    assert strip_timing(full) == strip_timing(resumed)
+    unfused = train(steps=3, output_dir=str(tmp_path / "unfused"), **kw, fused=False).metrics
+    for a, b in zip(full, unfused):
+        for k in ("loss", "kl/k3_mean", "entropy", "reward_mean"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.parametrize("bad,words", [
+    (dict(advantage="gae"), ["advantage estimator", "gae", "rloo"]),
+    (dict(advantage_options={"normalise_std": False}), ["normalise_std", "valid options"]),
+    (dict(sampler="typical"), ["sampler", "typical", "default"]),
+    (dict(reward_shaping=["overlong", "bogus"]), ["reward shaper", "bogus"]),
+    (dict(reward_shaping_options={"overlong": {"factor": 1.0}}), ["reward_shaping_options", "does not switch on"]),
+    (dict(reward_shaping=["overlong"], reward_shaping_options={"overlong": {"cache_length": "x"}}), ["cache_length"]),
+    (dict(group_filter="equal_rewards", group_filter_options={"metric": "acc"}), ["metric must be"]),
+    (dict(group_filter_options={"atol": 0.1}), ["no group_filter"]),
+    (dict(regularizers={"kl": {"coef": "high"}}), ["coef"]),
+    (dict(kl_coef=-1.0), ["kl_coef"]),
+    (dict(loss_options={"kl_coef": 0.1}), ["top-level kl_coef"]),
+    (dict(loss_options={"ref_logp": 1}), ["tensors the trainer computes"]),
+    (dict(loss_options={"clip_high": "abc"}), ["clip_high", "float"]),
+    (dict(normalize_adv_std=False, advantage_options={"normalize_std": True}), ["contradicts"]),
+    (dict(max_resample=-1), ["max_resample"]),
+])
+def test_bad_stage_configs_are_refused_before_any_model(bad, words, monkeypatch):
+    import entropy_rl.trainer as tr
+    monkeypatch.setattr(tr, "build_model", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(ValueError) as e:
+        Trainer(dict(TINY, **bad))
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_cli_overrides_reach_every_stage():
+    from entropy_rl.cli import build_config
+    cfg = build_config(None, ["advantage=token_level", "advantage_options.normalize_std=true", "reward_shaping=[overlong]",
+                              "reward_shaping_options.overlong.cache_length=2", "dynamic_sampling=true", "kl_coef=0.01",
+                              "sampler=default", "regularizers.entropy.coef=0.001"])
+    assert cfg.advantage == "token_level" and cfg.advantage_options["normalize_std"] is True
+    assert cfg.reward_shaping_options["overlong"]["cache_length"] == 2 and cfg.group_filter == "equal_rewards"
+    assert cfg.kl_coef == 0.01 and cfg.regularizers["entropy"]["coef"] == 0.001
