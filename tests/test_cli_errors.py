@@ -112,12 +112,18 @@ def test_unknown_hub_id_fails_fast_in_one_line(tmp_path, offline):
     one_line_error(r, "'no-such-org/no-such-model'", "not a local directory")
 
 
-def test_half_written_metrics_line_names_the_file(tmp_path, capsys):
-    "Fault 7: a half-written line in metrics.jsonl: plot names the file and the line."
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "reward_mean": 0.5, "entropy": 1.0}\n{"step": 2, "rew')
-    rc, err = run_main(capsys, "plot", str(tmp_path / "run"), "--out", str(tmp_path / "p.png"))
-    assert rc == 2 and f"{tmp_path / 'run' / 'metrics.jsonl'} line 2 is not valid JSON" in err, err
+@pytest.mark.parametrize("text,says", [
+    ('{"step": 1, "reward_mean": 0.5, "entropy": 1.0}\n{"step": 2, "rew', "{metrics} line 2 is not valid JSON"),
+    ("", "run {run} has no metrics yet"),
+])
+def test_plot_of_a_bad_run_names_it(tmp_path, capsys, text, says):
+    """Fault 7: a half-written line in metrics.jsonl (the error named no file), and `plot` of a run with no metrics yet
+    (it drew a blank figure): one line naming the file or the run; no figure."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(text)
+    rc, err = run_main(capsys, "plot", str(run), "--out", str(tmp_path / "p.png"))
+    assert rc == 2 and says.format(run=run, metrics=run / "metrics.jsonl") in err, err
     assert not (tmp_path / "p.png").exists()
 
 
@@ -151,15 +157,6 @@ def test_eval_of_a_run_without_checkpoint_stops_before_the_model(tmp_path, capsy
     (tmp_path / "run" / "config.json").write_text(json.dumps({"model": "tiny"}))
     rc, err = run_main(capsys, "eval", str(tmp_path / "run"))
     assert rc == 2 and "has no checkpoint yet" in err, err
-
-
-def test_plot_of_an_empty_run(tmp_path, capsys):
-    "Fault 7: `plot` of a run with no metrics yet drew a blank figure; now refused naming the run."
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "metrics.jsonl").write_text("")
-    rc, err = run_main(capsys, "plot", str(tmp_path / "run"), "--out", str(tmp_path / "p.png"))
-    assert rc == 2 and f"run {tmp_path / 'run'} has no metrics yet" in err, err
-    assert not (tmp_path / "p.png").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is valid on a GPU")

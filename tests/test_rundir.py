@@ -12,19 +12,9 @@ import pytest
 import torch
 
 from entropy_rl.trainer import Trainer, latest_checkpoint, read_metrics, save_checkpoint, train
+from test_trainer import TINY, odd_length, strip_timing       # the tiny run and stand-in verifier of the trainer tests
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(model="tiny", prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-2, progress=False, plot=False,
-            task_options={"instruction": None})
-
-
-def odd_length(text, problem):
-    "Stand-in verifier: a random model never solves a sum, this gives groups reward variance."
-    return float(len(text) % 2)
-
-
-def strip_timing(records):
-    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in records]
 
 
 def snapshot(run: Path) -> dict:
