@@ -106,11 +106,11 @@ def load_run_policy(run_dir: str | Path):
         cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     except json.JSONDecodeError as e:
         raise ValueError(f"{run_dir / 'config.json'} is not valid JSON ({e})") from None
-    ck = latest_checkpoint(run_dir)            # before the model loads: a run without a checkpoint stops here
+    ck = latest_checkpoint(run_dir)            # the newest verified one, before the model loads
     if ck is None:
         raise FileNotFoundError(f"run {run_dir} has no checkpoint yet")
     model, tok = build_model(cfg)
-    load_weights(ck, model)
+    load_weights(ck, model, verify=False)
     return model, tok, cfg
 
 def _plottable(run) -> list[dict]:

@@ -296,11 +296,12 @@ def _copy_weights(weights: dict, model, path) -> None:
         for n, w in weights.items():
             params[n].copy_(w.to(params[n].device, params[n].dtype))
 
-def load_weights(path: str | Path, model) -> None:
-    "Copy a verified checkpoint's (trainable) weights into `model`."
+def load_weights(path: str | Path, model, verify: bool = True) -> None:
+    "Copy a checkpoint's (trainable) weights into `model`, verified first (`verify=False`: the caller just did)."
     from safetensors.torch import load_file
     path = Path(path)
-    verify_checkpoint(path, deep=True)
+    if verify:
+        verify_checkpoint(path, deep=True)
     weights = load_file(str(path / "model.safetensors"))
     bad = _nonfinite(weights)
     if bad:
@@ -446,7 +447,10 @@ class RunLock:
         self.release()
 
     def __del__(self):
-        self.release()
+        try:
+            self.release()
+        except Exception:                           # at interpreter exit; the kernel drops the flock anyway
+            pass
 
 def check_output_dir(path: str | Path) -> Path:
     "Fail early, naming the path, if `path` cannot be a run directory: it is a file, or it (or its parent) is not writable."
