@@ -226,9 +226,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = next((l for l in str(e).splitlines() if "Unsupported" in l), str(e).splitlines()[0] if str(e) else "")
+        lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+        first = next((l for l in lines if "unsupported" in l.lower()), lines[-1] if lines else type(e).__name__)
         raise CheckpointError(f"{path / 'state.pt'} is refused: it is not plain tensors and numbers, and loading it "
-                              f"would run code ({first.strip()}); delete it and resume from another checkpoint") from None
+                              f"would run code ({first}); delete it and resume from another checkpoint") from None
     except Exception as e:
         raise DamagedCheckpoint(f"{path / 'state.pt'} cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
     try:
