@@ -183,6 +183,28 @@ def test_refused_resume_changes_nothing_on_disk(tmp_path, change, monkeypatch):
     assert snapshot(run) == before
 
 
+def test_metrics_without_a_checkpoint_are_not_taken_over_by_another_config(tmp_path):
+    """Fault 5 (no checkpoint yet, the cheap default schedule): a run killed before its first save leaves config.json
+    and metrics; another config is refused there and changes nothing; the same config starts over from step 0."""
+    run, calls = tmp_path / "run", {"n": 0}
+
+    def crashing(text, problem):
+        calls["n"] += 1
+        if calls["n"] > 8:                                      # dies while grading step 2
+            raise KeyboardInterrupt
+        return odd_length(text, problem)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(steps=3, output_dir=str(run), **TINY, reward_fn=crashing)
+    assert not (run / "checkpoints").exists() and [r["step"] for r in read_metrics(run)] == [1]
+    before = snapshot(run)
+    with pytest.raises(ValueError, match="config.json.*different config.*lr"):
+        train(steps=3, output_dir=str(run), **{**TINY, "lr": 1e-3}, reward_fn=odd_length)
+    assert snapshot(run) == before
+    assert train(steps=3, output_dir=str(run), **TINY, reward_fn=odd_length).step == 3
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+
+
 def test_metrics_rewrite_on_resume_is_atomic_and_drops_a_half_line(tmp_path, monkeypatch):
     """Fault 5 (metrics on resume): a half-written last line (a kill during a write) is dropped on resume; a failure
     while the file is rewritten leaves the old file whole."""
