@@ -8,7 +8,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import math
 import os
 import pickle
 import random
@@ -67,7 +66,7 @@ def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
 def _old_format(run_dir: Path) -> bool:
     "A run written before manifests: a `latest` pointer, or a step directory holding state.pt and no manifest."
     root = run_dir / "checkpoints"
-    return (root / "latest").exists() or any((p / "state.pt").exists() and not (p / CHECKPOINT_MANIFEST).exists()
+    return os.path.lexists(root / "latest") or any((p / "state.pt").exists() and not (p / CHECKPOINT_MANIFEST).exists()
                                              for p in checkpoint_dirs(run_dir))
 
 def refuse_old_format(run_dir: str | Path) -> None:

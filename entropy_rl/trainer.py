@@ -33,6 +33,8 @@ from .losses import (INPUT_OPTIONS, REGULARIZERS, check_loss_options, list_losse
 from .advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
 from .registry import QUANTITIES
 from .rollout import SAMPLERS
+# the run directory (chapter 11a); save_checkpoint, latest_checkpoint, load_checkpoint, load_weights, read_metrics and
+# RESUMABLE_CHANGES stay importable from here
 from .rundir import (RESUMABLE_CHANGES, CheckpointError, Interrupted, RunDirLocked, RunLock, StopSignals, _atomic_write,
                                _copy_weights, _check_names, _truncate_metrics, check_output_dir, check_same_run,
                                checkpoint_dirs, latest_checkpoint, load_checkpoint, load_weights, newest_intact,
