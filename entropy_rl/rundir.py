@@ -107,20 +107,29 @@ def verify_checkpoint(path: str | Path, deep: bool = True) -> dict:
 def _report(msg: str) -> None:
     print(f"entropy_rl: {msg}", file=sys.stderr)
 
-def latest_checkpoint(run_dir: str | Path, deep: bool = True) -> Path | None:
-    """The newest complete checkpoint of a run, found by step number from the directory names (no pointer file).
-    Damaged ones are reported by name and skipped; None when there is none. Old-format runs are refused."""
+def _newest(run_dir: str | Path, check) -> tuple:
+    """(path, check(path), damaged) for the newest checkpoint directory inside the run that `check` passes; `damaged`
+    lists (path, reason) of every newer one that failed. (None, None, damaged) when none passes."""
     run_dir = Path(run_dir)
     refuse_old_format(run_dir)
+    damaged = []
     for p in checkpoint_dirs(run_dir):
         try:
             if not _inside(p, run_dir):
                 raise DamagedCheckpoint(f"{p} points outside the run directory")
-            verify_checkpoint(p, deep)
-            return p
+            return p, check(p), damaged
         except DamagedCheckpoint as e:
-            _report(f"skipping a damaged checkpoint: {e}")
-    return None
+            damaged.append((p, str(e)))
+    return None, None, damaged
+
+def latest_checkpoint(run_dir: str | Path, deep: bool = True) -> Path | None:
+    """The newest complete checkpoint of a run, found by step number from the directory names (no pointer file).
+    Damaged ones are reported by name and skipped; None when there is none. Old-format runs are refused."""
+    path, _, damaged = _newest(run_dir, lambda p: verify_checkpoint(p, deep))
+    for _, why in damaged:
+        _report(f"skipping a damaged checkpoint: {why}")
+    return path
+
 
 # %% ../nbs/11a_rundir.ipynb #8a73efb6
 def _rng_state(generators: dict) -> dict:
@@ -246,18 +255,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
 def newest_intact(run_dir: str | Path) -> tuple[Path | None, dict | None, dict | None, list]:
     """The newest checkpoint that reads back whole: (path, state, weights, damaged) where `damaged` lists
     (path, reason) of every newer one skipped. (None, None, None, damaged) when none is intact."""
-    run_dir = Path(run_dir)
-    refuse_old_format(run_dir)
-    damaged = []
-    for p in checkpoint_dirs(run_dir):
-        try:
-            if not _inside(p, run_dir):
-                raise DamagedCheckpoint(f"{p} points outside the run directory")
-            state, weights = read_checkpoint(p)
-            return p, state, weights, damaged
-        except DamagedCheckpoint as e:
-            damaged.append((p, str(e)))
-    return None, None, None, damaged
+    path, loaded, damaged = _newest(run_dir, read_checkpoint)
+    state, weights = loaded if loaded is not None else (None, None)
+    return path, state, weights, damaged
 
 def set_aside(damaged: list) -> list[Path]:
     "Rename damaged checkpoint directories to `damaged-step-N` (kept for inspection, never read or rotated again)."
