@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .trainer import merge_config, TrainConfig, read_metrics, train, evaluate, build_model, build_task, latest_checkpoint
+from .rundir import Interrupted, RunDirLocked
 
 # %% auto #0
 __all__ = ['load_config_file', 'parse_overrides', 'build_config', 'load_run_policy', 'plot_runs', 'registry_listing',
@@ -22,14 +23,24 @@ def load_config_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"config file {p} does not exist")
-    text = p.read_text()
-    if p.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-        d = yaml.safe_load(text)
-    elif p.suffix.lower() == ".json":
-        d = json.loads(text)
-    else:
+    if not p.is_file():
+        raise ValueError(f"config file {p} is a directory, not a file")
+    if p.suffix.lower() not in (".yaml", ".yml", ".json"):
         raise ValueError(f"config file {p}: use a .yaml, .yml or .json file")
+    text = p.read_text()
+    if p.suffix.lower() == ".json":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {p} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    else:
+        import yaml
+        try:
+            d = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            raise ValueError(f"config file {p} is not valid YAML: {getattr(e, 'problem', None) or e}{where}") from None
     if d is None:
         return {}
     if not isinstance(d, dict):
@@ -91,13 +102,26 @@ def load_run_policy(run_dir: str | Path):
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
-    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
-    model, tok = build_model(cfg)
-    ck = latest_checkpoint(run_dir)
+    try:
+        cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{run_dir / 'config.json'} is not valid JSON ({e})") from None
+    ck = latest_checkpoint(run_dir)            # the newest verified one, before the model loads
     if ck is None:
         raise FileNotFoundError(f"run {run_dir} has no checkpoint yet")
-    load_weights(ck, model)
+    model, tok = build_model(cfg)
+    load_weights(ck, model, verify=False)
     return model, tok, cfg
+
+def _plottable(run) -> list[dict]:
+    "A run's records (a run directory or a list of records), refused if it has none or they lack reward and entropy."
+    recs = run if isinstance(run, list) else read_metrics(run)
+    name = "records" if isinstance(run, list) else f"run {run}"
+    if not recs:
+        raise ValueError(f"{name} has no metrics yet (metrics.jsonl is empty): nothing to plot")
+    if any("reward_mean" not in r or "entropy" not in r for r in recs):
+        raise ValueError(f"{name}: some metrics records have no reward_mean or entropy, so they cannot be plotted")
+    return recs
 
 def plot_runs(run_dirs: list, labels: list | None = None):
     """Runs side by side: reward and entropy versus step, and reward versus entropy with the
@@ -108,10 +132,10 @@ def plot_runs(run_dirs: list, labels: list | None = None):
     if not run_dirs:
         raise ValueError("plot_runs needs at least one run")
     labels = labels or [Path(str(r)).name for r in run_dirs]
+    runs = [_plottable(r) for r in run_dirs]          # every run checked before drawing
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     fits = {}
-    for run, label in zip(run_dirs, labels):
-        recs = run if isinstance(run, list) else read_metrics(run)
+    for recs, label in zip(runs, labels):
         steps = [r["step"] for r in recs]
         R = np.array([r["reward_mean"] for r in recs]); H = np.array([r["entropy"] for r in recs])
         line, = axes[0].plot(steps, R, marker=".", label=label)
@@ -173,8 +197,11 @@ def recipe_listing() -> str:
 # %% ../nbs/12_cli.ipynb #79664622
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="entropy-rl", description="RLVR training with entropy mechanisms.")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    debug = argparse.ArgumentParser(add_help=False)        # --debug after the command too; SUPPRESS keeps a leading one
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the Python traceback of an error")
     sub = p.add_subparsers(dest="command")
-    t = sub.add_parser("train", help="train a policy (no arguments: the embedded default run)")
+    t = sub.add_parser("train", parents=[debug], help="train a policy (no arguments: the embedded default run)")
     t.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. lr=1e-5 loss_options.clip_high=0.28")
     t.add_argument("--config", help="YAML or JSON config file")
     t.add_argument("--recipe", help="a named preset of several stages (see `entropy-rl recipes`); overrides win")
@@ -185,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int)
     t.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    e = sub.add_parser("eval", help="pass@k on held-out problems")
+    e = sub.add_parser("eval", parents=[debug], help="pass@k on held-out problems")
     e.add_argument("run", nargs="?", help="a run directory (default: evaluate --model untrained)")
     e.add_argument("--model", default="default")
     e.add_argument("--problems", type=int, default=32)
@@ -194,57 +221,97 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--seed", type=int, default=0)
-    g = sub.add_parser("plot", help="runs side by side: reward, entropy, reward vs entropy with the fit")
+    g = sub.add_parser("plot", parents=[debug], help="runs side by side: reward, entropy, reward vs entropy with the fit")
     g.add_argument("runs", nargs="+", help="run directories")
     g.add_argument("--out", default="runs.png", help="output PNG")
-    sub.add_parser("algos", help="list the registered losses")
-    sub.add_parser("list", help="every stage registry: samplers, reward shapers, group filters, advantage estimators, "
+    sub.add_parser("algos", parents=[debug], help="list the registered losses")
+    sub.add_parser("list", parents=[debug], help="every stage registry: samplers, reward shapers, group filters, advantage estimators, "
                                 "losses, regularizers, per-token quantities, with options and defaults")
-    sub.add_parser("recipes", help="the shipped recipes (presets of several stages) and what they set")
+    sub.add_parser("recipes", parents=[debug], help="the shipped recipes (presets of several stages) and what they set")
     return p
 
-def main(argv: list[str] | None = None) -> int:
-    "The `entropy-rl` console script."
-    args = _parser().parse_args(argv)
-    try:
-        if args.command in (None, "train"):
-            if args.command is None:
-                args = _parser().parse_args(["train"])
-            cfg = build_config(args.config, args.overrides, recipe=args.recipe, algo=args.algo, steps=args.steps, model=args.model,
-                               output_dir=args.output_dir, seed=args.seed, resume=False if args.fresh else None)
-            if args.print_config:
-                print(json.dumps(cfg.to_dict(), indent=2)); return 0
-            res = train(cfg)
-            last = res.metrics[-1] if res.metrics else {}
-            from entropy_rl.distributed import world
-            if world()[0] == 0:        # several processes: one summary, from process 0
-                print(json.dumps({"run_dir": str(res.run_dir), "step": res.step,
-                                  **{k: last.get(k) for k in ("reward_mean", "pass_rate", "entropy")}}))
-        elif args.command == "eval":
-            if args.run:
-                model, tok, cfg = load_run_policy(args.run)
-            else:
-                cfg = TrainConfig.from_dict(model=args.model)
-                model, tok = build_model(cfg)
-            res = evaluate(model, tok, build_task(cfg), n_problems=args.problems, k=args.k, samples=args.samples,
-                           max_new_tokens=args.max_new_tokens or cfg.max_new_tokens,
-                           temperature=args.temperature, seed=args.seed)
-            print(json.dumps(res))
-        elif args.command == "plot":
-            fig = plot_runs(args.runs)
-            fig.savefig(args.out, dpi=90)
-            print(json.dumps({"figure": args.out, "fits": fig.fits}))
-        elif args.command == "algos":
-            from entropy_rl.losses import list_losses
-            print("\n".join(list_losses()))
-        elif args.command == "list":
-            print(registry_listing())
-        elif args.command == "recipes":
-            print(recipe_listing())
-    except (ValueError, FileNotFoundError) as e:
-        print(f"entropy-rl: error: {e}", file=sys.stderr)
-        return 2
+def _check_eval_args(args) -> None:
+    "The eval numbers, before a model loads."
+    for name in ("problems", "k", "samples", "max_new_tokens"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if args.samples is not None and args.samples < args.k:
+        raise ValueError(f"--samples ({args.samples}) must be >= --k ({args.k})")
+    if not (args.temperature > 0 and args.temperature < float("inf")):
+        raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature}")
+
+# what a user can cause (bad input, a file, a model, a busy or damaged run directory): one line, exit 2
+def _user_errors() -> tuple:
+    from entropy_rl.models import ModelLoadError
+    return (ValueError, OSError, ModelLoadError, RunDirLocked)
+
+def _run(args) -> int:
+    if args.command in (None, "train"):
+        if args.command is None:
+            args = _parser().parse_args(["train"])
+        cfg = build_config(args.config, args.overrides, recipe=args.recipe, algo=args.algo, steps=args.steps,
+                           model=args.model, output_dir=args.output_dir, seed=args.seed,
+                           resume=False if args.fresh else None)
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=2)); return 0
+        res = train(cfg)
+        last = res.metrics[-1] if res.metrics else {}
+        from entropy_rl.distributed import world
+        if world()[0] == 0:        # several processes: one summary, from process 0
+            print(json.dumps({"run_dir": str(res.run_dir), "step": res.step,
+                              **{k: last.get(k) for k in ("reward_mean", "pass_rate", "entropy")}}))
+    elif args.command == "eval":
+        _check_eval_args(args)
+        if args.run:
+            model, tok, cfg = load_run_policy(args.run)
+        else:
+            cfg = TrainConfig.from_dict(model=args.model)
+            model, tok = build_model(cfg)
+        res = evaluate(model, tok, build_task(cfg), n_problems=args.problems, k=args.k, samples=args.samples,
+                       max_new_tokens=cfg.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+                       temperature=args.temperature, seed=args.seed)
+        print(json.dumps(res))
+    elif args.command == "plot":
+        fig = plot_runs(args.runs)
+        fig.savefig(args.out, dpi=90)
+        print(json.dumps({"figure": args.out, "fits": fig.fits}))
+    elif args.command == "algos":
+        from entropy_rl.losses import list_losses
+        print("\n".join(list_losses()))
+    elif args.command == "list":
+        print(registry_listing())
+    elif args.command == "recipes":
+        print(recipe_listing())
     return 0
+
+def main(argv: list[str] | None = None) -> int:
+    """The `entropy-rl` console script. A user error prints one line `entropy-rl: error: ...` and exits 2; an interrupt
+    (SIGINT / SIGTERM, after the step in flight is saved) exits 128 + the signal; any other failure prints one line
+    and exits 1. `--debug` shows the traceback instead."""
+    args = _parser().parse_args(argv)
+    if getattr(args, "debug", False):
+        return _run(args)
+    try:
+        return _run(args)
+    except Interrupted as e:
+        print(f"entropy-rl: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("entropy-rl: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as e:
+        print(f"entropy-rl: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        print(f"entropy-rl: internal error: {type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+def _one_line(e: BaseException) -> str:
+    "An exception's message on one line."
+    return " ".join(str(e).split()) or type(e).__name__
+
 
 # %% ../nbs/12_cli.ipynb #260f23d5
 #| eval: false

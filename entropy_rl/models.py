@@ -186,6 +186,41 @@ def apply_lora(model, lora):
     return get_peft_model(model, lora)
 
 # %% ../nbs/08_models.ipynb #7f6ca6c2
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "tf_model.h5", "flax_model.msgpack")
+
+def _check_model_dir(path: Path) -> None:
+    "A local model directory holds a config (or a LoRA adapter config) and weights; say what is missing before loading."
+    if not (path/"config.json").is_file() and not (path/"adapter_config.json").is_file():
+        raise ModelLoadError(f"Could not load a model from {path}: it has no config.json (not a saved transformers model)")
+    if not any(next(path.glob(pat), None) for pat in _WEIGHTS):
+        raise ModelLoadError(f"Could not load a model from {path}: it holds no weights (no *.safetensors or pytorch_model*.bin file): "
+                             "was the save interrupted, or only the config copied?")
+
+def _hub_access(repo_id: str, cache_dir: str | None, timeout: float = 10.0) -> dict:
+    """How to load a hub id without a minute of retries: from the cache alone when it is there, else only after one
+    quick check (`timeout` seconds) that the hub serves it. Offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE) and not
+    cached, an unknown id, or an unreachable hub: a one-line ModelLoadError naming the id and the cause."""
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+    try: cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+    except HFValidationError as e:
+        raise ModelLoadError(f"{repo_id!r} is not a local directory and not a valid hub id ({e})") from None
+    if isinstance(cached, str): return {"local_files_only": True}
+    if constants.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ModelLoadError(f"Could not load {repo_id!r}: it is not a local directory, not in the cache {cache_dir}, "
+                             "and the hub is switched off (HF_HUB_OFFLINE); pass a model directory")
+    try: model_info(repo_id, timeout=timeout)
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"Could not load {repo_id!r}: it is not a local directory and the hub has no such model "
+                             "(or it is private or gated: log in with `hf auth login`)") from None
+    except Exception as e:
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise ModelLoadError(f"Could not load {repo_id!r}: it is not a local directory and the hub cannot be reached "
+                             f"({type(e).__name__}: {why}); pass a model directory, or set HF_HUB_OFFLINE=1 to use "
+                             "cached models only") from None
+    return {}
+
+#| export
 def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dtype | str | None = None,
                device: str | torch.device | None = None, lora: dict | Any | None = None,
                cache_dir: str | os.PathLike | None = None):
@@ -198,8 +233,10 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, dtype: torch.dt
         src = Path(name_or_path).expanduser()
         looks_local = src.is_absolute() or str(name_or_path).startswith((".", "~")) or src.exists()
         if looks_local and not src.is_dir(): raise FileNotFoundError(f"model directory {src} does not exist")
-        if not looks_local: src = str(name_or_path)
+        if looks_local: _check_model_dir(src)
+        else: src = str(name_or_path)
     kw = dict(cache_dir=None if default or isinstance(src, Path) else str(default_cache_dir(cache_dir)/"hub"))
+    if isinstance(src, str): kw.update(_hub_access(src, kw["cache_dir"]))
     def _load(s):
         tok = AutoTokenizer.from_pretrained(s, **kw)
         m = AutoModelForCausalLM.from_pretrained(s, dtype=dt, **kw)

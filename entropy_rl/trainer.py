@@ -11,6 +11,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +33,18 @@ from .losses import (INPUT_OPTIONS, REGULARIZERS, check_loss_options, list_losse
 from .advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
 from .registry import QUANTITIES, RUN_VALUES
 from .rollout import SAMPLERS
+# the run directory (chapter 11a); save_checkpoint, latest_checkpoint, load_checkpoint, load_weights, read_metrics and
+# RESUMABLE_CHANGES stay importable from here
+from .rundir import (RESUMABLE_CHANGES, CheckpointError, Interrupted, RunDirLocked, RunLock, StopSignals, _atomic_write,
+                               _copy_weights, _check_names, _truncate_metrics, check_output_dir, check_same_run,
+                               checkpoint_dirs, latest_checkpoint, load_checkpoint, load_weights, newest_intact,
+                               read_metrics, refuse_old_format, save_checkpoint, set_aside, verify_checkpoint, _report)
 
 # %% auto #0
-__all__ = ['PROVIDED_NEEDS', 'RESUMABLE_CHANGES', 'PLOT_KEYS', 'TrainConfig', 'merge_config', 'list_recipes', 'load_recipe',
-           'recipe_description', 'policy_logprobs_and_entropy', 'PolicyScorer', 'build_model', 'build_task',
-           'rollout_metrics', 'StepBatch', 'reduce_update_metrics', 'StepPipeline', 'plot_pipeline', 'save_checkpoint',
-           'latest_checkpoint', 'load_weights', 'load_checkpoint', 'read_metrics', 'plot_metrics', 'tis_weights',
-           'TrainResult', 'Trainer', 'train', 'pass_at_k', 'evaluate']
+__all__ = ['PROVIDED_NEEDS', 'PLOT_KEYS', 'TrainConfig', 'merge_config', 'list_recipes', 'load_recipe', 'recipe_description',
+           'policy_logprobs_and_entropy', 'PolicyScorer', 'build_model', 'build_task', 'rollout_metrics', 'StepBatch',
+           'reduce_update_metrics', 'StepPipeline', 'plot_pipeline', 'plot_metrics', 'tis_weights', 'TrainResult',
+           'Trainer', 'train', 'pass_at_k', 'evaluate']
 
 # %% ../nbs/11_trainer.ipynb #5202210d
 _CHOICES = {
@@ -95,8 +101,9 @@ class TrainConfig:
     batch_scope: str = "global"  # several processes: loss statistics over all processes ("global") or per process ("local")
     seed: int = 0
     output_dir: str = "runs/default"
-    save_every: int = 1          # checkpoint every N steps (0: only at the end)
-    keep_checkpoints: int = 1
+    save_every: int = 0          # also checkpoint every N steps (0: off); see save_minutes
+    save_minutes: float = 10.0   # checkpoint when this many minutes passed since the last one (0: off); always at the end and on SIGINT/SIGTERM
+    keep_checkpoints: int = 2    # the newest N checkpoints by step are kept
     resume: bool = True          # continue from the latest checkpoint in output_dir
     eval_every: int = 0          # held-out pass@1 every N steps (0: off)
     eval_problems: int = 16
@@ -203,6 +210,9 @@ class TrainConfig:
             v = getattr(self, k)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"{k} must be a finite number > 0, got {v!r}")
+        if isinstance(self.save_minutes, bool) or not isinstance(self.save_minutes, (int, float)) \
+                or not (self.save_minutes >= 0 and math.isfinite(self.save_minutes)):
+            raise ValueError(f"save_minutes must be a finite number >= 0 (0: off), got {self.save_minutes!r}")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
@@ -877,113 +887,7 @@ def plot_pipeline(config: TrainConfig | dict | None = None):
 def _set_seed(seed: int) -> None:
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
-def _rng_state(generators: dict) -> dict:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-         "generators": {k: g.get_state() for k, g in generators.items()}}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-def _set_rng_state(s: dict, generators: dict) -> None:
-    random.setstate(s["python"]); np.random.set_state(s["numpy"]); torch.set_rng_state(s["torch"])
-    for k, g in generators.items():
-        g.set_state(s["generators"][k])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-def save_checkpoint(run_dir: str | Path, step: int, model, optimizer, scheduler, generators: dict,
-                    config: TrainConfig, keep: int = 1, *, weights: dict | None = None,
-                    optimizer_state: dict | None = None) -> Path:
-    """Write `checkpoints/step-NNNNNN` atomically (a temp directory renamed into place, then the
-    `latest` pointer replaced), keeping the `keep` newest. Saves the trainable weights (all of them,
-    or only the LoRA adapter), optimizer, scheduler, step and every RNG state. `weights` / `optimizer_state`
-    replace what `model` / `optimizer` hold (the trainer passes the gathered full state, see `full_state`)."""
-    from safetensors.torch import save_file
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if weights is None:
-        weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    save_file({n: w.cpu().contiguous() for n, w in weights.items()}, str(tmp / "model.safetensors"))
-    optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
-    torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(generators), "config": config.to_dict()}, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    (root / "latest.tmp").write_text(final.name)
-    os.replace(root / "latest.tmp", root / "latest")
-    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    "The checkpoint named by `checkpoints/latest`, or None."
-    p = Path(run_dir) / "checkpoints" / "latest"
-    if not p.exists():
-        return None
-    ck = p.parent / p.read_text().strip()
-    return ck if (ck / "state.pt").exists() else None
-
-def load_weights(path: str | Path, model) -> None:
-    "Copy a checkpoint's saved (trainable) weights into `model`."
-    from safetensors.torch import load_file
-    _copy_weights(load_file(str(Path(path) / "model.safetensors")), model, path)
-
-def _check_names(weights: dict, params: dict, path) -> None:
-    unknown = [n for n in weights if n not in params]
-    if unknown:
-        raise ValueError(f"checkpoint {path} does not match the model: unknown parameters {unknown[:3]}")
-
-def _copy_weights(weights: dict, model, path) -> None:
-    params = dict(model.named_parameters())
-    _check_names(weights, params, path)
-    with torch.no_grad():
-        for n, w in weights.items():
-            params[n].copy_(w.to(params[n].device, params[n].dtype))
-
-# fields that may change when a run is continued; any other difference means a different run
-RESUMABLE_CHANGES = ("steps", "output_dir", "resume", "progress", "plot", "save_every", "keep_checkpoints",
-                     "eval_every", "eval_problems")
-
-def load_checkpoint(path: str | Path, model, optimizer, scheduler, generators: dict,
-                    config: TrainConfig | None = None, *, restore=None) -> int:
-    """Restore weights, optimizer, scheduler and RNG states in place; return the step it was saved at.
-    With `config`, refuse a checkpoint written under a different configuration. `restore(weights, optimizer_state)`
-    replaces the plain copy into `model` / `optimizer` (the trainer's, which also handles sharded models)."""
-    path = Path(path)
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    if config is not None:
-        now, then = config.to_dict(), state["config"]
-        then = {**TrainConfig().to_dict(), **then}     # a key added since the checkpoint was written: its default
-        diff = sorted(k for k in now if k not in RESUMABLE_CHANGES and now[k] != then.get(k))
-        if diff:
-            raise ValueError(f"checkpoint {path} was written with a different config ({', '.join(f'{k}: {then.get(k)!r} -> {now[k]!r}' for k in diff)}); "
-                             "use another output_dir or resume=false to start over")
-    if restore is None:
-        load_weights(path, model)
-        optimizer.load_state_dict(state["optimizer"])
-    else:
-        from safetensors.torch import load_file
-        restore(load_file(str(path / "model.safetensors")), state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"], generators)
-    return int(state["step"])
-
 # %% ../nbs/11_trainer.ipynb #bac2d381
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    "The per-step records of a run (`metrics.jsonl`)."
-    p = Path(run_dir) / "metrics.jsonl"
-    if not p.exists():
-        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    if path.exists():
-        keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= last_step]
-        path.write_text("".join(l + "\n" for l in keep))
-
 PLOT_KEYS = ("reward_mean", "pass_rate", "entropy", "cov_mean", "response_len", "ratio/max", "loss", "tokens_per_s")
 
 def plot_metrics(records: list[dict] | str | Path, keys: tuple = PLOT_KEYS, title: str = ""):
@@ -991,6 +895,8 @@ def plot_metrics(records: list[dict] | str | Path, keys: tuple = PLOT_KEYS, titl
     import matplotlib.pyplot as plt
     if not isinstance(records, list):
         records = read_metrics(records)
+    if not records:
+        raise ValueError("no metrics to plot: the run has not finished a step yet")
     keys = [k for k in keys if any(k in r for r in records)]
     cols = min(4, max(1, len(keys)))
     rows = max(1, math.ceil(len(keys) / cols))
@@ -1070,10 +976,17 @@ class Trainer(StepPipeline):
         if c.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available; use device='cpu' or 'auto'")
         use_cpu = c.device == "cpu" or not torch.cuda.is_available()
+        if use_cpu and c.mixed_precision == "fp16":
+            raise ValueError("mixed_precision='fp16' needs a CUDA device and this run is on the CPU; use 'no' or 'bf16'")
+        self.run_dir, self.step, self._lock = check_output_dir(c.output_dir), 0, None
+        if c.resume:
+            self._check_resumable()           # before the model loads: an old-format run or another config stops here
         mp = c.mixed_precision if c.mixed_precision != "auto" else ("no" if use_cpu else "bf16")
         self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=mp, gradient_accumulation_steps=c.grad_accum)
         _warn_if_fsdp_ignored(self.accelerator)
         self.rank, self.world_size = self.accelerator.process_index, self.accelerator.num_processes
+        if self.is_main:
+            RunLock(self.run_dir).check_free()   # before the model loads: another live writer stops this one at once
         self.groups = shard_groups(c.prompts_per_step, self.rank, self.world_size)   # this process's prompts
         _set_seed(c.seed)
         self.reward_fn = reward_fn   # (completion text, problem) -> float; None: the task's own grader
@@ -1108,8 +1021,6 @@ class Trainer(StepPipeline):
                            "shuffle": torch.Generator().manual_seed(c.seed + 2),
                            "loss": torch.Generator().manual_seed(c.seed + 3)}
         self.engine = _engine(self.unwrapped, tokenizer, c)
-        self.run_dir = Path(c.output_dir)
-        self.step = 0
 
     @property
     def unwrapped(self):
@@ -1133,16 +1044,66 @@ class Trainer(StepPipeline):
 
     def save(self, step: int) -> Path | None:
         """The trainable weights and the optimizer state, keyed by parameter name (`full_state`; gathered to process 0
-        under FSDP, a collective); process 0 writes the checkpoint; every process waits for it."""
+        under FSDP, a collective); process 0 writes the checkpoint, holding the run directory's lock; every process waits."""
+        self._hold_lock()
         model_state, optimizer_state = full_state(self.model, self.optimizer.optimizer, frozen=False)
         out = None
         if self.is_main:
             weights = {n: model_state[_SCORER_PREFIX + n] for n in self._trainable()}
             out = save_checkpoint(self.run_dir, step, self.unwrapped, self.optimizer, self.scheduler,
                                   self.generators, self.config, keep=self.config.keep_checkpoints,
-                                  weights=weights, optimizer_state=optimizer_state)
+                                  weights=weights, optimizer_state=optimizer_state,
+                                  extra={"run_values": dict(self.run_values)})
         self.accelerator.wait_for_everyone()
         return out
+
+    def _hold_lock(self) -> bool:
+        """Process 0 locks the run directory (`RunLock`) unless it holds the lock already (returns whether it took it
+        now); if it cannot, every process stops with the holder named (a collective under several processes)."""
+        if getattr(self, "_locked", False):
+            return False
+        err = None
+        if self.is_main:
+            try:
+                self._lock = RunLock(self.run_dir).acquire()
+            except RunDirLocked as e:
+                err = e
+        if self.world_size > 1:
+            ok = int(all_reduce(torch.tensor(0 if err else 1, device=self.accelerator.device), "min"))
+            if not ok and err is None:
+                err = RunDirLocked(f"process 0 could not lock {self.run_dir}: another process is writing it")
+        if err is not None:
+            raise err
+        self._locked = True
+        return True
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+        self._locked = False
+
+    def _check_resumable(self) -> None:
+        """Cheap checks before any work: refuse a run directory of the old checkpoint format, or one written by another
+        config (its newest complete checkpoint's manifest; with no checkpoint, its config.json if it has metrics)."""
+        refuse_old_format(self.run_dir)
+        for p in checkpoint_dirs(self.run_dir):
+            try:
+                man = verify_checkpoint(p, deep=False)
+            except CheckpointError:
+                continue
+            return check_same_run(man.get("config", {}), self.config, f"checkpoint {p}")
+        self._check_config_json()
+
+    def _check_config_json(self) -> None:
+        "With no checkpoint to resume, a run directory whose metrics.jsonl has records must have been this config's."
+        cj, mj = self.run_dir / "config.json", self.run_dir / "metrics.jsonl"
+        if not (cj.is_file() and mj.is_file() and mj.stat().st_size):
+            return
+        try:
+            then = json.loads(cj.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{cj} is not valid JSON ({e}); repair it, or start over with resume=false") from None
+        check_same_run(then, self.config, f"{self.run_dir} (its config.json; the metrics there have no checkpoint)")
 
     def _restore(self, weights: dict, optimizer_state: dict) -> None:
         "A checkpoint's weights and optimizer state into the (possibly sharded) policy; collective under FSDP."
@@ -1158,10 +1119,14 @@ class Trainer(StepPipeline):
             _copy_weights(weights, self.unwrapped, self.run_dir)
             self.optimizer.load_state_dict(optimizer_state)
 
-    def _latest_checkpoint_everywhere(self) -> Path | None:
-        """The run's latest checkpoint, checked to be the same on every process: process 0 writes checkpoints and
-        every process reads them, so several nodes need an output_dir they all share."""
-        ck = latest_checkpoint(self.run_dir)
+    def _latest_checkpoint_everywhere(self) -> tuple:
+        """The run's newest intact checkpoint as (path, state, weights), Nones when there is none; damaged newer ones
+        are reported (process 0) and kept in `self._damaged`. Checked to be the same on every process: process 0 writes
+        checkpoints and every process reads them, so several nodes need an output_dir they all share."""
+        ck, state, weights, self._damaged = newest_intact(self.run_dir)
+        if self.is_main:
+            for _, why in self._damaged:
+                _report(f"skipping a damaged checkpoint: {why}")
         if self.world_size > 1:
             step = torch.tensor(-1 if ck is None else int(ck.name.split("-")[-1]), device=self.accelerator.device)
             lo, hi = int(all_reduce(step, "min")), int(all_reduce(step, "max"))
@@ -1170,16 +1135,31 @@ class Trainer(StepPipeline):
                 raise ValueError(f"the processes see different checkpoints in {self.run_dir} ({seen(lo)} to {seen(hi)}; "
                                  f"process {self.rank}: {seen(int(step))}): on several nodes output_dir must be a "
                                  "directory they all share, since process 0 writes checkpoints and every process reads them")
-        return ck
+        return ck, state, weights
 
     def resume(self) -> int:
-        "Load the latest checkpoint in the run directory if there is one; drop metrics after it."
-        ck = self._latest_checkpoint_everywhere()
-        self.step = 0 if ck is None else load_checkpoint(ck, self.unwrapped, self.optimizer, self.scheduler,
-                                                         self.generators, self.config, restore=self._restore)
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        """Continue from the newest intact checkpoint of the run directory (damaged newer ones are reported and set aside
+        as `damaged-step-N`); a checkpoint of another config is refused before anything changes. Cuts metrics.jsonl back
+        to the checkpoint's step (atomically). Holds the run directory's lock."""
+        took = self._hold_lock()
+        try:
+            ck, state, weights = self._latest_checkpoint_everywhere()
+            if ck is None:
+                self._check_config_json()
+                self.step = 0
+            else:
+                self.step = load_checkpoint(ck, self.unwrapped, self.optimizer, self.scheduler, self.generators,
+                                            self.config, restore=self._restore, loaded=(state, weights))
+                self.run_values = {k: float(v) for k, v in state.get("extra", {}).get("run_values", {}).items()}
+            self.accelerator.wait_for_everyone()
+            if self.is_main:
+                for p in set_aside(self._damaged):
+                    _report(f"set the damaged checkpoint aside as {p}; delete it when you no longer need it")
+                _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+        except BaseException:
+            if took:
+                self._release_lock()
+            raise
         return self.step
 
     def evaluate(self, n_problems: int | None = None, k: int = 1) -> dict:
@@ -1188,44 +1168,69 @@ class Trainer(StepPipeline):
             return evaluate(self.unwrapped, self.tokenizer, self.task, n_problems=n_problems or c.eval_problems, k=k,
                             max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=c.seed)
 
+    def _checkpoint_due(self, stop: StopSignals, since: float) -> tuple[bool, int]:
+        """(whether to save after this step, the signal that asked to stop or 0), the same on every process: a save is due
+        every `save_every` steps, when `save_minutes` have passed on any process's clock, at the last step, and on a signal."""
+        c = self.config
+        flags = torch.tensor([float(bool(c.save_minutes) and time.monotonic() - since >= 60 * c.save_minutes),
+                              float(stop.signum or 0)], device=self.accelerator.device)
+        if self.world_size > 1:
+            flags = all_reduce(flags, "max")
+        signum = int(flags[1])
+        due = bool(flags[0]) or bool(signum) or bool(c.save_every and self.step % c.save_every == 0) or self.step == c.steps
+        return due, signum
+
     def train(self) -> TrainResult:
-        "Run (or continue) to `config.steps`; log JSONL, checkpoint, plot; return a TrainResult."
+        """Run (or continue) to `config.steps`; log JSONL, checkpoint (`save_minutes`, `save_every`, the last step), plot;
+        return a TrainResult. Holds the run directory's lock; writes config.json only once a resume has passed its
+        checks. SIGINT / SIGTERM finish the step in flight, save a checkpoint, then raise `Interrupted`."""
         c = self.config
         main = self.is_main
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if main:
-            (self.run_dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
-        if c.resume:
-            self.resume()
-        else:
-            self.accelerator.wait_for_everyone()
-            if main:
-                shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
-                _truncate_metrics(self.run_dir / "metrics.jsonl", -1)
-        bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress or not main, desc=f"{c.algo}")
-        log = open(self.run_dir / "metrics.jsonl", "a") if main else None
+        bar = log = None
+        self._hold_lock()
         try:
-            while self.step < c.steps:
-                m = self.train_step(self.step)
-                self.step += 1
-                if c.eval_every and self.step % c.eval_every == 0:
-                    m.update({f"eval/{k}": v for k, v in self.evaluate().items()})
-                if log is not None:
-                    log.write(json.dumps(m) + "\n"); log.flush()
-                if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
-                    self.save(self.step)
-                bar.update(1)
-                bar.set_postfix(reward=f"{m.get('reward_mean', math.nan):.2f}", H=f"{m.get('entropy', math.nan):.2f}")
+            if c.resume:
+                self.resume()
+            else:
+                self.accelerator.wait_for_everyone()
+                if main:
+                    shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+                    _truncate_metrics(self.run_dir / "metrics.jsonl", -1)
+            if main:
+                _atomic_write(self.run_dir / "config.json", json.dumps(c.to_dict(), indent=2))
+            bar = tqdm(total=c.steps, initial=self.step, disable=not c.progress or not main, desc=f"{c.algo}")
+            log = open(self.run_dir / "metrics.jsonl", "a") if main else None
+            last_save = time.monotonic()
+            with StopSignals() as stop:
+                while self.step < c.steps:
+                    m = self.train_step(self.step)
+                    self.step += 1
+                    if c.eval_every and self.step % c.eval_every == 0:
+                        m.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                    if log is not None:
+                        log.write(json.dumps(m) + "\n"); log.flush()
+                    due, signum = self._checkpoint_due(stop, last_save)
+                    if due:
+                        self.save(self.step)
+                        last_save = time.monotonic()
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{m.get('reward_mean', math.nan):.2f}", H=f"{m.get('entropy', math.nan):.2f}")
+                    if signum:
+                        raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {self.step} of {c.steps}; "
+                                          f"its checkpoint is in {self.run_dir}: run the same command again to continue",
+                                          signum)
+            self.accelerator.wait_for_everyone()
+            records = read_metrics(self.run_dir)
+            if c.plot and records and main:
+                import matplotlib.pyplot as plt
+                fig = plot_metrics(records, title=f"{c.algo} · {c.model}")
+                fig.savefig(self.run_dir / "metrics.png", dpi=80); plt.close(fig)
         finally:
             if log is not None:
                 log.close()
-        bar.close()
-        self.accelerator.wait_for_everyone()
-        records = read_metrics(self.run_dir)
-        if c.plot and records and main:
-            import matplotlib.pyplot as plt
-            fig = plot_metrics(records, title=f"{c.algo} · {c.model}")
-            fig.savefig(self.run_dir / "metrics.png", dpi=80); plt.close(fig)
+            if bar is not None:
+                bar.close()
+            self._release_lock()
         return TrainResult(self.run_dir, records, self.step, self.unwrapped, self.tokenizer)
 
 def train(config: TrainConfig | dict | None = None, *, reward_fn=None, **overrides) -> TrainResult:

@@ -48,7 +48,7 @@ def test_config_file_and_algo_flag(tmp_path, capsys, monkeypatch):
     assert main(["train", "--config", "c.yaml", "--algo", "dapo", "--print-config"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["algo"] == "dapo" and cfg["output_dir"] == "runs/dapo"
-    assert cfg["loss_options"] == {"clip_low": 0.1}
+    assert cfg["loss_options"]["clip_low"] == 0.1 and cfg["loss_options"]["clip_high"] == 0.28   # resolved: dapo's default
     assert main(["train", "--config", "c.yaml", "--algo", "dapo"]) == 0
     assert (tmp_path / "runs" / "dapo" / "metrics.jsonl").exists()
 

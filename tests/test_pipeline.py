@@ -207,3 +207,35 @@ def test_cli_overrides_reach_every_stage():
     assert cfg.advantage == "token_level" and cfg.advantage_options["normalize_std"] is True
     assert cfg.reward_shaping_options["overlong"]["cache_length"] == 2 and cfg.group_filter == "equal_rewards"
     assert cfg.kl_coef == 0.01 and cfg.regularizers["entropy"]["coef"] == 0.001
+
+
+def test_a_run_value_is_taken_at_the_first_step_kept_and_resumed(tmp_path):
+    "SIREN's anchor: the old-policy nucleus entropy's H̄ over step 1's batch, kept for the run, restored on resume."
+    from entropy_rl.selective_entropy import nucleus_entropy_head, siren_anchor
+    from entropy_rl.trainer import _response_hidden
+    kw = dict(TINY, regularizers={"siren": {"coef": 0.05}}, save_every=1)
+    t = Trainer(dict(kw, steps=1, output_dir=str(tmp_path / "one")), reward_fn=odd_length)
+    t0 = {k: v.clone() for k, v in t.unwrapped.state_dict().items()}
+    captured = {}
+    orig = t._take_run_values
+
+    def spy(batch, pending):
+        captured["batch"] = batch
+        orig(batch, pending)
+    t._take_run_values = spy
+    m = t.train().metrics[0]
+    b = captured["batch"]                                   # independent: the initial weights on step 1's batch
+    t.unwrapped.load_state_dict(t0)
+    with torch.no_grad():
+        T = b.mask.shape[1]
+        h = _response_hidden(t.unwrapped, b.ids, b.attn, T)
+        labels = b.response_ids.masked_fill(~b.mask, -100).reshape(-1)
+        H = nucleus_entropy_head(h.reshape(-1, h.shape[-1]), t.unwrapped.get_output_embeddings().weight, labels, 1.0)
+    want = siren_anchor(H.view(b.mask.shape).masked_fill(~b.mask, 0.0), b.mask, 0.8)
+    assert m["run/siren_anchor"] == pytest.approx(want, rel=1e-5)
+    kw["reward_fn"] = odd_length
+    full = train(steps=3, output_dir=str(tmp_path / "full"), **kw).metrics
+    train(steps=1, output_dir=str(tmp_path / "split"), **kw)
+    resumed = train(steps=3, output_dir=str(tmp_path / "split"), **kw).metrics
+    assert len({r["run/siren_anchor"] for r in full}) == 1               # taken once, kept
+    assert strip_timing(full) == strip_timing(resumed)                    # and restored from the checkpoint
