@@ -205,7 +205,7 @@ def test_hapo_edge_cases():
 BAD = [("cispo", {"clip_low": -0.1}, "clip_low"), ("cispo", {"clip_high": float("nan")}, "clip_high"),
        ("cispo", {"clip_high": "0.2"}, "clip_high"), ("cispo", {"dual_clip": 3.0}, "unknown option"),
        ("sapo", {"tau_pos": 0.0}, "tau_pos"), ("sapo", {"tau_neg": -1.0}, "tau_neg"),
-       ("sapo", {"aggregation": "token-mean"}, "seq-mean-token-mean"),
+       ("sapo", {"tau_pos": float("inf")}, "tau_pos"),
        ("hapo_clip", {"reading": "intent"}, "reading"), ("hapo_clip", {"entropy_pivot": 1.5}, "entropy_pivot"),
        ("hapo_clip", {"clip_alpha": -1.0}, "clip_alpha"), ("hapo_clip", {"clip_low": 1.0}, "clip_low"),
        ("hapo_clip", {"dual_clip": 1.0}, "dual_clip"), ("hapo_clip", {"clip_alpha": True}, "clip_alpha"),
