@@ -255,3 +255,32 @@ def test_one_training_step_on_the_tiny_model(tmp_path, name, o):
                 task_options={"instruction": None}, reward_fn=lambda text, problem: float(len(text) % 2))
     m = res.metrics[0]
     assert m["grad_norm"] > 0 and math.isfinite(m["loss"]) and math.isfinite(m["ratio/mean"])
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_metrics_against_direct_counts():
+    lp, old, adv, H, mask = batch(7, spread=0.8)
+    r = torch.exp(lp - old)[mask]
+    a = adv[:, None].expand_as(lp)[mask]
+    n = int(mask.sum())
+    _, m = policy_loss("cispo", lp, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    assert m["cispo/capped_frac"] == int(((r > 1.28) | (r < 0.8)).sum()) / n
+    assert m["clip/frac"] == int((((a > 0) & (r >= 1.28)) | ((a < 0) & (r <= 0.8))).sum()) / n
+    _, m = policy_loss("sapo", lp, old, adv, mask)
+    tau = torch.where(a > 0, torch.tensor(1.0, dtype=f64), torch.tensor(1.05, dtype=f64))
+    s = torch.sigmoid(tau * (r - 1))
+    assert abs(m["sapo/gate_mean"] - (4 * s * (1 - s)).mean().item()) < 1e-12
+    _, m = policy_loss("hapo_clip", lp, old, adv, mask, entropy=H)
+    h = sc.hapo_normalized_entropy(H, mask)[mask]
+    el, eh = sc.hapo_clip_widths(h)
+    assert abs(m["bound/high"] - (1 + eh).mean().item()) < 1e-12 and abs(m["bound/low"] - (1 - el).mean().item()) < 1e-12
+    assert m["clip/frac"] == int((((a > 0) & (r >= 1 + eh)) | ((a < 0) & (r <= 1 - el))).sum()) / n
+    assert m["clip/dual_frac"] == int(((a < 0) & (r > 10)).sum()) / n and abs(m["hapo/h_mean"] - h.mean().item()) < 1e-12
+    for reading in ("code", "paper"):
+        _, m = policy_loss("entropy_balanced", lp, old, adv, mask, entropy=H, reading=reading)
+        z = sc.entropy_zscore(H, mask)[mask]
+        at = a * (1 + 0.2 * z)
+        keep = torch.ones_like(z, dtype=torch.bool) if reading == "code" else z > 0
+        assert m["entropy_balanced/kept_frac"] == int(((at > 0) & (r >= 1.28) & keep).sum()) / n
+        # dual-clip acts with Ã: negative tokens whose loss −Ã r would exceed −Ã c = 3|Ã|, i.e. r > 3
+        assert m["clip/dual_frac"] == int(((at < 0) & (r > 3)).sum()) / n
