@@ -284,3 +284,12 @@ def test_metrics_against_direct_counts():
         assert m["entropy_balanced/kept_frac"] == int(((at > 0) & (r >= 1.28) & keep).sum()) / n
         # dual-clip acts with Ã: negative tokens whose loss −Ã r would exceed −Ã c = 3|Ã|, i.e. r > 3
         assert m["clip/dual_frac"] == int(((at < 0) & (r > 3)).sum()) / n
+
+
+def test_entropy_statistics_keep_float32_for_half_precision_entropy():
+    H = torch.tensor([[0.05, 0.1, 0.2, 0.5, 1.0, 2.0]], dtype=torch.bfloat16)
+    m = torch.ones(1, 6, dtype=torch.bool)
+    for f in (sc.hapo_normalized_entropy, sc.entropy_zscore):
+        out = f(H, m)
+        assert out.dtype == torch.float32
+        assert torch.allclose(out.double(), f(H.double(), m), atol=1e-6)
