@@ -293,3 +293,16 @@ def test_entropy_statistics_keep_float32_for_half_precision_entropy():
         out = f(H, m)
         assert out.dtype == torch.float32
         assert torch.allclose(out.double(), f(H.double(), m), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cispo", "hapo_clip", "entropy_balanced"])
+def test_token_terms_is_the_per_token_gradient_of_policy_loss(name):
+    "For a token-mean loss, n · ∂L/∂log π (through policy_loss) is token_terms' weight w, and mean ℓ is L."
+    lp, old, adv, H, mask = batch(8)
+    x = lp.clone().requires_grad_(True)
+    loss, _ = policy_loss(name, x, old, adv, mask, entropy=H)
+    loss.backward()
+    ell, w = sc.token_terms(name, lp, old, adv, mask, entropy=H)
+    n = int(mask.sum())
+    assert torch.allclose(x.grad * n, w, atol=1e-12, rtol=0)
+    assert abs(ell[mask].mean().item() - loss.item()) < 1e-12
