@@ -15,8 +15,7 @@ from .toy import policy_entropy
 
 # %% auto #0
 __all__ = ['STEER_MODES', 'HAPO_READINGS', 'sampled_step_entropy_change', 'steer_omega', 'steer_first_order', 'steer_weights',
-           'steer_view', 'empg_factors', 'empg_advantages', 'empg_view', 'hapo_normalized_entropy', 'hapo_clip_widths',
-           'hapo_differential_advantage', 'hapo_view']
+           'steer_view', 'empg_factors', 'empg_advantages', 'empg_view', 'hapo_differential_advantage', 'hapo_view']
 
 # %% ../nbs/17_token_reweighting.ipynb #2412ccce
 def sampled_step_entropy_change(logits: Tensor, actions: Tensor, weights: Tensor) -> Tensor:
@@ -302,35 +301,8 @@ def empg_view(k: float = 1.0, zeta: float = 0.1, zero_mean: bool = False, logits
 # %% ../nbs/17_token_reweighting.ipynb #460e679b
 HAPO_READINGS = ("code", "paper")
 
-@torch.no_grad()
-def hapo_normalized_entropy(entropy: Tensor, mask: Tensor, *, pivot: float = 0.8, reading: str = "code") -> Tensor:
-    """HAPO's normalised entropy ĥ [B, T] over the valid tokens of this call (micro-batch scope):
-    ℓ = log max(H, 1e-8); μ = the element of sorted ℓ at index round(pivot·(N−1)) (Python rounding);
-    s = RMS of ℓ − μ; h = (ℓ − μ)/s; ĥ = h / max h⁺ where h > 0; where h ≤ 0, h / min h⁻ (code: ĥ ≥ 0) or
-    h / |min h⁻| (paper: ĥ ∈ [−1, 0]). 0 where masked."""
-    _check_hapo(dict(entropy_pivot=pivot, reading=reading, clip_alpha=0.0, adv_beta=0.0))
-    m = _check_tokens(mask, entropy=entropy)
-    out = torch.zeros_like(entropy, dtype=torch.float64)
-    if not m.any():
-        return out.to(entropy.dtype)
-    ell = entropy.detach().double().clamp(min=1e-8).log()
-    v = ell[m]
-    mu = v.sort().values[round(pivot * (v.numel() - 1))]
-    s = ((v - mu) ** 2).mean().sqrt()
-    h = (ell - mu) / s if s > 0 else torch.zeros_like(ell)
-    h = torch.where(m, h, torch.zeros_like(h))
-    pos, neg = (h > 0) & m, (h <= 0) & m
-    top = h[pos].max() if pos.any() else torch.tensor(1.0, dtype=h.dtype)
-    bottom = h[neg].min() if neg.any() else torch.tensor(-1.0, dtype=h.dtype)
-    scale_neg = bottom if reading == "code" else bottom.abs()
-    out = torch.where(pos, h / top, torch.where(neg & (scale_neg != 0), h / scale_neg, torch.zeros_like(h)))
-    return out.to(entropy.dtype)
-
-def hapo_clip_widths(h: Tensor, clip_low: float = 0.2, clip_high: float = 0.2, alpha: float = 1.0) -> tuple[Tensor, Tensor]:
-    "HAPO's per-token clip half-widths (ε_l', ε_h'): ε_l(1 − αĥ) where ĥ ≤ 0 (else ε_l); ε_h(1 + αĥ) where ĥ > 0 (else ε_h)."
-    lo = torch.where(h <= 0, clip_low * (1 - alpha * h), torch.full_like(h, clip_low))
-    hi = torch.where(h > 0, clip_high * (1 + alpha * h), torch.full_like(h, clip_high))
-    return lo, hi
+# ĥ and the clip widths are chapter 16's (soft and asymmetric clipping): one implementation for both chapters
+from .soft_clipping import hapo_normalized_entropy, hapo_clip_widths
 
 def hapo_differential_advantage(adv: Tensor, ratio: Tensor, h: Tensor, eps_low: Tensor, eps_high: Tensor,
                                 beta: float = 1.0) -> Tensor:
