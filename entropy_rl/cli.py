@@ -161,10 +161,11 @@ def plot_runs(run_dirs: list, labels: list | None = None):
 def _stage_registries() -> dict:
     from entropy_rl.advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
     from entropy_rl.losses import LOSSES, REGULARIZERS
-    from entropy_rl.registry import QUANTITIES
+    from entropy_rl.registry import QUANTITIES, RUN_VALUES
     from entropy_rl.rollout import SAMPLERS
     return {"sampler": SAMPLERS, "reward_shaping": REWARD_SHAPERS, "group_filter": GROUP_FILTERS,
-            "advantage": ADVANTAGES, "algo (loss)": LOSSES, "regularizers": REGULARIZERS, "quantities": QUANTITIES}
+            "advantage": ADVANTAGES, "algo (loss)": LOSSES, "regularizers": REGULARIZERS, "quantities": QUANTITIES,
+            "run values": RUN_VALUES}
 
 def registry_listing() -> str:
     "Every stage registry as text: the config key, then one line per entry with its doc and its options' defaults."

@@ -395,5 +395,6 @@ def _ares_kl(logp, m, inputs, agg):
 
 
 register_regularizer("ares_kl", _ares_kl, dict(coef=0.01),
-                     "ARES-AEPO: k3 KL to the reference with a per-sequence, per-difficulty adaptive β (inputs ares_beta)",
+                     "ARES-AEPO: k3 KL to the reference with a per-sequence, per-difficulty adaptive β (inputs ares_beta; the trainer "
+                     "does not compute ares_beta yet, so a config with it is refused)",
                      needs={"ref_logp", "ares_beta"})
