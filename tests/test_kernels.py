@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from memory_child import run_child
 import torch
 
 # TRITON_INTERPRET must be set before the first `import triton` (Triton compiles its own
@@ -332,17 +333,7 @@ def test_triton_backend_errors():
 
 # ------------------------------------------------------------------------------------ memory
 _MEMORY_CHILD = """
-import json, torch
-from entropy_rl.kernels import chunked_logprob_entropy, naive_logprob_entropy, cpu_peak_memory_mb
-n, d, v = 4096, 64, 32768
-g = torch.Generator().manual_seed(0)
-h = (2 * torch.randn(n, d, generator=g)).requires_grad_()
-w = (0.7 * torch.randn(v, d, generator=g)).requires_grad_()
-y = torch.randint(0, v, (n,), generator=g); y[::7] = -100
-try:
-    cpu_peak_memory_mb(lambda: None)
-except RuntimeError:
-    print(json.dumps(None)); raise SystemExit
+from entropy_rl.kernels import chunked_logprob_entropy, naive_logprob_entropy
 def fwd_bwd():
     lp, H = chunked_logprob_entropy(h, w, y)
     (lp.sum() + 0.1 * H.sum()).backward()
@@ -359,14 +350,7 @@ def test_chunked_peak_memory_far_below_logits():
     # freed blocks to the OS (MALLOC_MMAP_THRESHOLD_), so the resident-size peak shows what the head holds and not
     # what earlier tests left in the heap.
     logits_mb = 4096 * 32768 * 4 / 2**20
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "OMP_NUM_THREADS": "2"}
-    env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-c", _MEMORY_CHILD], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    if res is None:
-        pytest.skip("no /proc/self/clear_refs on this system")
-    fused_mb, naive_mb = res
+    fused_mb, naive_mb = run_child(_MEMORY_CHILD, 4096, timeout=300)
     # the meter is real: the naive forward alone needs at least the logits
     assert naive_mb > logits_mb, (naive_mb, logits_mb)
     assert fused_mb < logits_mb / 8, (fused_mb, logits_mb)

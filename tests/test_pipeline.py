@@ -14,17 +14,7 @@ from entropy_rl.rollout import list_samplers
 from entropy_rl.trainer import (TrainConfig, Trainer, list_recipes, load_recipe, read_metrics, reduce_update_metrics,
                                 train)
 
-TINY = dict(model="tiny", prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-2, progress=False, plot=False,
-            task_options={"instruction": None})
-
-
-def odd_length(text, problem):
-    "Stand-in verifier: a random model never solves a sum; this gives groups reward variance."
-    return float(len(text) % 2)
-
-
-def strip_timing(records):
-    return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in records]
+from test_trainer import TINY, odd_length, strip_timing   # the tiny run, the stand-in verifier, metrics without timings
 
 
 def _finite_core(m):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from memory_child import run_child
 import torch
 
 import entropy_rl.selective_entropy as se
@@ -136,18 +137,7 @@ def test_quantities_registered_with_options():
 
 # ------------------------------------------------------------------------------------------ memory
 _MEMORY_CHILD = """
-import json, torch
-from entropy_rl.kernels import cpu_peak_memory_mb
 from entropy_rl.selective_entropy import nucleus_entropy_head, proxy_logp_head, proxy_kl_head
-n, d, v = 2048, 64, 32768
-g = torch.Generator().manual_seed(0)
-h = (2 * torch.randn(n, d, generator=g)).requires_grad_()
-w = (0.7 * torch.randn(v, d, generator=g)).requires_grad_()
-y = torch.randint(0, v, (n,), generator=g); y[::7] = -100
-try:
-    cpu_peak_memory_mb(lambda: None)
-except RuntimeError:
-    print(json.dumps(None)); raise SystemExit
 def fwd_bwd(fn, rows=n):
     fn(h[:rows], w, y[:rows], chunk_size=64).sum().backward()   # nucleus: default top_p, top_k = 10,000
     h.grad = w.grad = None
@@ -169,12 +159,7 @@ def test_quantities_peak_memory_far_below_logits():
     # proxy-KL heads under grad (each forward is the no-grad pass plus saved inputs), the proxy log-prob's no-grad pass. Fresh process whose allocator returns freed blocks to
     # the OS (MALLOC_MMAP_THRESHOLD_), so the resident-size peak shows what the heads hold (as tests/test_kernels.py).
     logits_mb = 2048 * 32768 * 4 / 2**20
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576", "OMP_NUM_THREADS": "2"}
-    r = subprocess.run([sys.executable, "-c", _MEMORY_CHILD], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    if res is None:
-        pytest.skip("no /proc/self/clear_refs on this system")
+    res = run_child(_MEMORY_CHILD, 2048)
     grad_mb, kl_grad_mb, proxy_mb, naive_mb = res
     assert naive_mb > logits_mb, (naive_mb, logits_mb)          # the meter sees the logits when they exist
     assert proxy_mb < logits_mb / 8, res
