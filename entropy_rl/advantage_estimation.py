@@ -12,9 +12,9 @@ from .reweighting import sampled_step_entropy_change
 
 # %% auto #0
 __all__ = ['CANON_ESTIMATORS', 'CANON_SCHEDULES', 'RISKPO_CREDITS', 'RISKPO_READINGS', 'RISKPO_TRACKERS', 'canon_halves',
-           'canon_advantages', 'cosine_restart', 'canon_intra_weight', 'canon_view', 'riskpo_bundles',
+           'canon_advantages', 'cosine_restart', 'canon_intra_weight', 'canon_view', 'canon_figure', 'riskpo_bundles',
            'riskpo_paper_advantages', 'riskpo_credit', 'riskpo_advantages', 'riskpo_paper_scores', 'QuantileTracker',
-           'reset_riskpo_trackers', 'riskpo_view', 'hapo_token_level_advantages']
+           'reset_riskpo_trackers', 'riskpo_view', 'riskpo_figure', 'hapo_token_level_advantages']
 
 # %% ../nbs/18_advantage_estimation.ipynb #73a4854e
 def canon_halves(metric: Tensor, group_size: int) -> Tensor:
@@ -153,6 +153,11 @@ def canon_view(mu: float = 1.0, alpha: float = 1.0, beta: float = 0.0, logits: T
     ax.set_title(f"μ={mu}, α={alpha}, β={beta}   ΔH/η: Dr. GRPO {dHd:.4f}, CANON {dHc:.4f}", fontsize=9); ax.legend(fontsize=8)
     fig.tight_layout()
     return fig, dict(actions=y[0], adv_canon=a_c, adv_dr=a_d, dH_canon=dHc, dH_dr=dHd)
+
+def canon_figure(mu: float = 1.0, alpha: float = 1.0, beta: float = 0.0, logits: Tensor | None = None,
+                 rewards: Tensor | None = None, metric: Tensor | None = None, group_size: int = 8, seed: int = 0):
+    "`canon_view`'s figure alone (the chapter's interactive figure)."
+    return canon_view(mu, alpha, beta, logits, rewards, metric, group_size, seed)[0]
 
 # %% ../nbs/18_advantage_estimation.ipynb #3c397330
 def riskpo_bundles(group_size: int, n_groups: int, bundle_size: int) -> list[Tensor]:
@@ -319,6 +324,11 @@ def riskpo_view(alpha: float = 0.2, beta: float = 0.8, weight: float = 1.5, nu: 
     fig.tight_layout()
     return fig, dict(actions=y, S=S, a=riskpo_paper_advantages(S, qa, qb, alpha=alpha, beta=beta, weight=weight, nu=nu),
                      adv=adv, adv_grpo=grpo, dH=dH, dH_grpo=dHg)
+
+def riskpo_figure(alpha: float = 0.2, beta: float = 0.8, weight: float = 1.5, nu: float = 0.0, credit: str = "sum-mean",
+                  logits: Tensor | None = None, rewards: Tensor | None = None, group_size: int = 8, seed: int = 0):
+    "`riskpo_view`'s figure alone (the chapter's interactive figure)."
+    return riskpo_view(alpha, beta, weight, nu, credit, logits, rewards, group_size, seed)[0]
 
 # %% ../nbs/18_advantage_estimation.ipynb #93767d7f
 def hapo_token_level_advantages(rewards: Tensor, lengths: Tensor, group_size: int, *, eps: float = 1e-6,

@@ -15,7 +15,8 @@ from .toy import policy_entropy
 
 # %% auto #0
 __all__ = ['STEER_MODES', 'HAPO_READINGS', 'sampled_step_entropy_change', 'steer_omega', 'steer_first_order', 'steer_weights',
-           'steer_view', 'empg_factors', 'empg_advantages', 'empg_view', 'hapo_differential_advantage', 'hapo_view']
+           'steer_view', 'steer_figure', 'empg_factors', 'empg_advantages', 'empg_view', 'empg_figure',
+           'hapo_differential_advantage', 'hapo_view', 'hapo_figure']
 
 # %% ../nbs/17_token_reweighting.ipynb #2412ccce
 def sampled_step_entropy_change(logits: Tensor, actions: Tensor, weights: Tensor) -> Tensor:
@@ -173,6 +174,16 @@ def steer_view(mode: str = "exp", w_min: float = 0.8, w_max: float = 1.0, logits
     fig.tight_layout()
     return fig, dict(omega=om[0], weights=w, dH=dH, dH_weighted=dHw, total=float(dH.sum()), total_weighted=float(dHw.sum()))
 
+def steer_figure(mode: str = "exp", w_min: float = 0.8, w_max: float = 1.0, logits: Tensor | None = None,
+                 actions: Tensor | None = None, adv: Tensor | None = None):
+    """`steer_view`'s figure alone (the chapter's interactive figure). exp mode weighs in [w_min, 1], so there a `w_max`
+    other than 1 is set aside, and the left panel's title says so, instead of refused."""
+    unused = mode == "exp" and w_max != 1.0
+    fig = steer_view(mode, w_min, 1.0 if unused else w_max, logits, actions, adv)[0]
+    if unused:
+        fig.axes[0].set_title(f"exp mode: w in [w_min, 1]; w_max = {w_max:g} is for linear mode", fontsize=9)
+    return fig
+
 # %% ../nbs/17_token_reweighting.ipynb #b52cf81d
 def empg_factors(step_entropy: Tensor, k: float = 1.0, k_f: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """EMPG's per-step quantities from the step entropies H_s [S] of the whole batch: the normalised entropy
@@ -298,6 +309,11 @@ def empg_view(k: float = 1.0, zeta: float = 0.1, zero_mean: bool = False, logits
     fig.tight_layout()
     return fig, dict(adv=a_tok, adv_empg=a_empg, dH=dH, dH_empg=dHe, total=float(dH.sum()), total_empg=float(dHe.sum()))
 
+def empg_figure(k: float = 1.0, zeta: float = 0.1, zero_mean: bool = False, logits: Tensor | None = None,
+                actions: Tensor | None = None, adv: Tensor | None = None):
+    "`empg_view`'s figure alone (the chapter's interactive figure)."
+    return empg_view(k, zeta, zero_mean, logits, actions, adv)[0]
+
 # %% ../nbs/17_token_reweighting.ipynb #460e679b
 HAPO_READINGS = ("code", "paper")
 
@@ -384,3 +400,10 @@ def hapo_view(adv_beta: float = 1.0, clip_alpha: float = 1.0, ratio: float = 1.0
     ax2.set_title(f"net ΔH/η: {dH.sum():.3f} → {dH2.sum():.3f}", fontsize=9)
     fig.tight_layout()
     return fig, dict(h=h[0], adv=a, adv_hapo=a2, dH=dH, dH_hapo=dH2, total=float(dH.sum()), total_hapo=float(dH2.sum()))
+
+def hapo_figure(adv_beta: float = 1.0, clip_alpha: float = 1.0, ratio: float = 1.0, reading: str = "code",
+                logits: Tensor | None = None, actions: Tensor | None = None, adv: Tensor | None = None):
+    "`hapo_view`'s figure alone (the chapter's interactive figure), with β and α in the left panel's title."
+    fig = hapo_view(adv_beta, clip_alpha, ratio, reading, logits, actions, adv)[0]
+    fig.axes[0].set_title(f"{reading} reading, r = {ratio:g}, β = {adv_beta:g}, α = {clip_alpha:g}", fontsize=9)
+    return fig

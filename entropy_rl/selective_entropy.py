@@ -15,13 +15,15 @@ from .clipping import clipped_surrogate_loss
 from .ratios import token_ratios
 from .losses import register_loss, register_regularizer, apply_dual_clip, _ratio_metrics
 from .registry import QUANTITIES, RUN_VALUES
+from .toy import policy_probs, policy_log_probs, policy_entropy
 
 # %% auto #0
 __all__ = ['ARES_BUCKETS', 'ARES_KL_DEFAULTS', 'rowwise_head', 'topk_nucleus_entropy', 'nucleus_entropy_head',
            'min_p_proxy_log_softmax', 'min_p_proxy_logprobs', 'min_p_proxy_kl', 'proxy_logp_head', 'proxy_kl_head',
-           'siren_peak_mask', 'siren_mean', 'siren_anchor', 'clamped_k3', 'lp_reg_select', 'spine_forking_mask',
-           'entropy_band_hinge', 'ares_difficulty', 'ares_kl_state', 'ares_kl_update', 'ares_sequence_beta',
-           'sequence_mean_k3']
+           'siren_peak_mask', 'siren_mean', 'siren_anchor', 'siren_toy_step', 'siren_view', 'clamped_k3',
+           'lp_reg_select', 'lp_reg_toy', 'lp_reg_view', 'spine_forking_mask', 'entropy_band_hinge', 'band_step',
+           'band_view', 'ares_difficulty', 'ares_kl_state', 'ares_kl_update', 'ares_sequence_beta', 'sequence_mean_k3',
+           'ares_view']
 
 # %% ../nbs/19_selective_entropy.ipynb #97c3ed68
 def _check_positive_int(x, name: str) -> int:
@@ -199,6 +201,31 @@ RUN_VALUES.register("siren_anchor", lambda batch, *, mask_ratio: siren_anchor(ba
                     dict(mask_ratio=0.8), "SIREN's anchor: H̄ of the old-policy nucleus entropy over the run's first step",
                     needs={"nucleus_entropy", "mask"})
 
+# %% ../nbs/19_selective_entropy.ipynb #2da97353
+def siren_toy_step(z: Tensor, anchor: float, top_p: float = 0.8, lr: float = 1.0, coef: float = 0.005) -> Tensor:
+    "One descent step on coef · (Ĥ(z) − anchor)² at one position with logits z [K] (SIREN's term alone); the new logits."
+    zz = z.detach().clone().requires_grad_()
+    (coef * (topk_nucleus_entropy(zz, top_p) - anchor) ** 2).backward()
+    return z - lr * zz.grad
+
+# %% ../nbs/19_selective_entropy.ipynb #e74ecdb3
+def siren_view(logits: Tensor, anchor: float = 0.65, top_p: float = 0.8, lr: float = 200.0, steps: int = 60):
+    """SIREN's term alone on one position with logits [K], `steps` descent steps (`siren_toy_step`): the nucleus entropy Ĥ
+    and the full entropy H per step, and the distribution before and after. Returns the figure."""
+    import matplotlib.pyplot as plt
+    z0 = logits.detach().double()
+    z, Hs, Hn = z0.clone(), [], []
+    for _ in range(steps):
+        Hs.append(policy_entropy(z).item()); Hn.append(topk_nucleus_entropy(z, top_p).item())
+        z = siren_toy_step(z, anchor, top_p, lr)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
+    a1.plot(Hn, label="nucleus entropy Ĥ"); a1.plot(Hs, label="full entropy H"); a1.axhline(anchor, ls="--", c="k", lw=1, label="anchor")
+    a1.set_xlabel("step (regulariser only)"); a1.set_ylabel("nats"); a1.legend(fontsize=8)
+    a2.bar(range(len(z0)), policy_probs(z0).numpy(), alpha=0.5, label="start")
+    a2.bar(range(len(z0)), policy_probs(z).numpy(), alpha=0.5, label="end"); a2.set_xlabel("action"); a2.legend(fontsize=8)
+    fig.suptitle(f"SIREN on one position: top_p = {top_p:.2f}, anchor = {anchor:.2f}", fontsize=10)
+    return fig
+
 # %% ../nbs/19_selective_entropy.ipynb #91f27a43
 def clamped_k3(delta: Tensor) -> Tensor:
     "k3(δ) = e^δ − δ − 1 clamped to [−10, 10] (verl's low_var_kl); δ = log q − log π_θ."
@@ -279,6 +306,39 @@ register_loss("lp_reg_fullvocab", _lp_reg_fullvocab, {**_LP_REG, "proxy_kl": Non
               "Lp-Reg (paper reading, unverified): full-vocabulary KL(proxy || policy) on the same tokens",
               needs={"proxy_logp", "proxy_kl"}, check=_check_lp_reg)
 
+# %% ../nbs/19_selective_entropy.ipynb #8d182a11
+def lp_reg_toy(z_old: Tensor, y: int, A: float = -1.0, beta: float = 1.0, min_p: float = 0.02, lr: float = 0.2,
+               steps: int = 400, reading: str = "code") -> tuple[list, list, Tensor]:
+    """Lp-Reg on the softmax lab: repeated descent steps on one selected token's loss at logits z_old [K]; returns (π_θ(y) per step, H per step, last z).
+    reading: "code" (k3 to the proxy of π_old, fixed), "fullvocab" (KL from the current policy's truncation), "none" (PG only)."""
+    lq = min_p_proxy_logprobs(z_old, torch.tensor(y), min_p).item()
+    lo = policy_log_probs(z_old)[y].item()
+    z, py, Hs = z_old.clone(), [], []
+    for _ in range(steps):
+        zz = z.clone().requires_grad_()
+        lp = policy_log_probs(zz)[y]
+        pull = {"code": lambda: clamped_k3(lq - lp), "fullvocab": lambda: min_p_proxy_kl(zz, torch.tensor(y), min_p),
+                "none": lambda: 0.0}[reading]()
+        (-A * torch.exp(lp - lo) + beta * pull).backward()
+        py.append(lp.exp().item()); Hs.append(policy_entropy(z).item())
+        z = z - lr * zz.grad
+    return py, Hs, z
+
+# %% ../nbs/19_selective_entropy.ipynb #553909b9
+def lp_reg_view(z_old: Tensor, beta: float = 1.0, A: float = -1.0, min_p: float = 0.02, y: int = 3):
+    """Lp-Reg on one low-probability negative token y of logits z_old [K] (`lp_reg_toy`): π(y) and H per step for PG only,
+    the code reading and the full-vocabulary reading. Returns the figure."""
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
+    for reading, ls, lab in (("none", ":", "PG only"), ("code", "-", "lp_reg (proxy of π_old)"),
+                             ("fullvocab", "--", "lp_reg_fullvocab (proxy recomputed)")):
+        py, Hs, _ = lp_reg_toy(z_old, y, A, beta, min_p, reading=reading)
+        a1.plot(py, ls=ls, label=lab); a2.plot(Hs, ls=ls, label=lab)
+    a1.set_yscale("log"); a1.set_ylabel(f"π(y = {y})"); a2.set_ylabel("entropy H"); a1.legend(fontsize=8)
+    for a in (a1, a2): a.set_xlabel("step")
+    fig.suptitle(f"Lp-Reg on one low-probability negative token: β = {beta:.2f}, A = {A:.2f}, κ = {min_p:.3f}", fontsize=10)
+    return fig
+
 # %% ../nbs/19_selective_entropy.ipynb #567e3d12
 def spine_forking_mask(h: Tensor, mask: Tensor, rho: float = 0.2) -> Tensor:
     "Bool [B, T]: SPINE's forking tokens (spine-reading): valid tokens with H >= the (1 − ρ) linear quantile over all valid tokens."
@@ -315,6 +375,28 @@ def _check_spine(o: dict) -> None:
 register_regularizer("spine_band", _spine_band, dict(coef=0.01, h_low=0.5, h_high=2.0, rho=0.2),
                      "SPINE's entropy band (spine-reading, unverified): hinge outside [h_low, h_high] at forking tokens",
                      needs={"entropy"}, check=_check_spine)
+
+# %% ../nbs/19_selective_entropy.ipynb #b23151c5
+def band_step(z: Tensor, lo: float, hi: float, lr: float) -> Tensor:
+    "One descent step on SPINE's band hinge (lo − H)⁺ + (H − hi)⁺ alone at one position with logits z [K]; the new logits."
+    zz = z.detach().clone().requires_grad_()
+    entropy_band_hinge(policy_entropy(zz), lo, hi).backward()
+    return z - lr * zz.grad
+
+# %% ../nbs/19_selective_entropy.ipynb #625ac150
+def band_view(lo: float = 0.5, hi: float = 1.2, lr: float = 2.0, steps: int = 80):
+    """SPINE's band hinge alone (`band_step`) on a 6-action softmax from three starts, peaked to nearly flat: H per step,
+    with the band shaded. Returns the figure."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3), layout="constrained")
+    for s in (6.0, 3.0, 0.3):   # the uniform start (0) is a stationary point of H
+        z = torch.tensor([s, 0, 0, 0, 0, 0], dtype=torch.float64); tr = []
+        for _ in range(steps):
+            tr.append(policy_entropy(z).item()); z = band_step(z, lo, hi, lr)
+        ax.plot(tr, label=f"start z_0 = {s:g}")
+    ax.axhspan(lo, hi, color="tab:green", alpha=0.15, label="band"); ax.set_xlabel("step (hinge only)"); ax.set_ylabel("H")
+    ax.legend(fontsize=8)
+    return fig
 
 # %% ../nbs/19_selective_entropy.ipynb #f06c9cc4
 ARES_BUCKETS: tuple[str, ...] = ("easy", "medium", "hard")
@@ -398,3 +480,19 @@ register_regularizer("ares_kl", _ares_kl, dict(coef=0.01),
                      "ARES-AEPO: k3 KL to the reference with a per-sequence, per-difficulty adaptive β (inputs ares_beta; the trainer "
                      "does not compute ares_beta yet, so a config with it is refused)",
                      needs={"ref_logp", "ares_beta"})
+
+# %% ../nbs/19_selective_entropy.ipynb #6ed1b598
+def ares_view(drift: float = 1.0, target: float = 0.01, calls: int = 20000):
+    """ARES's β controller (`ares_kl_update`, hard bucket) against a toy policy whose KL is (1 + drift) × target at β = 1,
+    damped as 1/β: the KL average and β per micro-batch call. Returns the figure."""
+    import matplotlib.pyplot as plt
+    s, betas, kls = ares_kl_state(), [], []
+    for t in range(calls):
+        kl = target * (1 + drift) / s["beta"]["hard"]
+        s = ares_kl_update(s, ["hard"], torch.tensor([kl], dtype=torch.float64), target=target)
+        betas.append(s["beta"]["hard"]); kls.append(s["kl_ema"]["hard"])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3), layout="constrained")
+    a1.plot(kls); a1.axhline(target, ls="--", c="k", lw=1); a1.set_ylabel("KL ema (hard bucket)")
+    a2.plot(betas); a2.set_ylabel("β (hard bucket)")
+    for a in (a1, a2): a.set_xlabel("micro-batch call")
+    return fig
