@@ -13,14 +13,14 @@ from torch import Tensor
 from .losses import (LOSSES, COMMON_OPTIONS, register_loss, apply_dual_clip, _validate, _ratio_metrics,
                                _check_dual_clip, _check_eps)
 from .ratios import token_log_ratios
-from .clipping import entropy_quadrants
+from .clipping import entropy_quadrants, synthetic_token_batch
 from .covariance import first_order_entropy_change
 
 # %% auto #0
-__all__ = ['LOG_RATIO_CLAMP', 'HAPO_READINGS', 'EB_READINGS', 'RAISING', 'LOWERING', 'clamped_ratios', 'token_terms',
+__all__ = ['LOG_RATIO_CLAMP', 'HAPO_READINGS', 'EB_READINGS', 'RAISING', 'LOWERING', 'clamped_ratios', 'lab_batch', 'token_terms',
            'lab_entropy_change', 'lab_quadrants', 'cispo_loss', 'sapo_gate', 'sapo_loss', 'hapo_normalized_entropy',
            'hapo_clip_widths', 'hapo_clip_loss', 'entropy_zscore', 'entropy_balanced_loss', 'region_methods',
-           'weight_curve', 'soft_clip_stats', 'hapo_clip_stats']
+           'weight_curve', 'soft_clip_stats', 'soft_clip_view', 'hapo_clip_stats', 'hapo_clip_view']
 
 # %% ../nbs/16_soft_clipping.ipynb #49aa9960
 LOG_RATIO_CLAMP = 20.0   # verl clamps log r to ±20 before exp in its policy losses
@@ -28,6 +28,10 @@ LOG_RATIO_CLAMP = 20.0   # verl clamps log r to ±20 before exp in its policy lo
 def clamped_ratios(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
     "Token ratios exp(clamp(log π − log π_old, ±20)) [B, T]; 1 on masked tokens (no overflow, no 0·inf gradients)."
     return token_log_ratios(logp, old_logp, mask).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+
+def lab_batch(seed: int = 0) -> dict:
+    "The chapter's lab: chapter 03's `synthetic_token_batch` of 2000 stale tokens over a 16-word vocabulary."
+    return synthetic_token_batch(n=2000, vocab=16, seed=seed)
 
 def token_terms(name: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                 **options) -> tuple[Tensor, Tensor]:
@@ -265,6 +269,28 @@ def soft_clip_stats(batch: dict, eps_low: float = 0.2, eps_high: float = 0.28, c
         out["lab"][label] = {"raising": sum(q[k] for k in RAISING), "lowering": sum(q[k] for k in LOWERING), "net": q["net"]}
     return out
 
+# %% ../nbs/16_soft_clipping.ipynb #d062b1f5
+def soft_clip_view(eps_low: float = 0.2, eps_high: float = 0.28, c: float = 3.0, tau_pos: float = 1.0,
+                   tau_neg: float = 1.05, eb_scale: float = 0.2, eb_reading: str = "code", seed: int = 0):
+    "The widget's figure: w(r) for A = ±1 per method, and `soft_clip_stats`' lab bars on `lab_batch(seed)`."
+    import matplotlib.pyplot as plt
+    s = soft_clip_stats(lab_batch(seed), eps_low, eps_high, c, tau_pos, tau_neg, eb_scale, eb_reading)
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    for k, (ax, sign) in enumerate(zip(axes[:2], ("+1", "−1"))):
+        for label, curves in s["curves"].items():
+            ax.plot(s["ratios"], curves[k], label=label, lw=1.5, ls="--" if label == "dual-clip" else "-")
+        ax.axhline(0, color="k", lw=0.5); ax.axvline(1 - eps_low, color="grey", lw=0.5, ls=":")
+        ax.axvline(1 + eps_high, color="grey", lw=0.5, ls=":"); ax.axvline(c, color="grey", lw=0.5, ls="-.")
+        ax.set_xlabel("ratio r"); ax.set_ylabel("w = ∂ℓ/∂log π"); ax.set_title(f"A = {sign}", fontsize=9)
+    axes[0].legend(fontsize=7)
+    labels = list(s["lab"]); x = torch.arange(len(labels))
+    for j, (key, col) in enumerate((("raising", "tab:orange"), ("lowering", "tab:blue"), ("net", "k"))):
+        axes[2].bar(x + (j - 1) * 0.27, [s["lab"][l][key] for l in labels], 0.27, label=key, color=col)
+    axes[2].set_xticks(x, labels, rotation=20, fontsize=7); axes[2].axhline(0, color="k", lw=0.5)
+    axes[2].set_ylabel("ΔH/η per token (lab)"); axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
 # %% ../nbs/16_soft_clipping.ipynb #1ea1d273
 def hapo_clip_stats(batch: dict, clip_alpha: float = 1.0, entropy_pivot: float = 0.8, reading: str = "code") -> dict:
     '''Numbers behind HAPO's widget on a `synthetic_token_batch`: ĥ and the per-token bounds (low, high) [n], and the lab's
@@ -275,3 +301,22 @@ def hapo_clip_stats(batch: dict, clip_alpha: float = 1.0, entropy_pivot: float =
     o = dict(reading=reading, entropy_pivot=entropy_pivot)
     return {"h": h, "low": 1 - el, "high": 1 + eh, "lab": lab_quadrants("hapo_clip", batch, clip_alpha=clip_alpha, **o),
             "lab_fixed": lab_quadrants("hapo_clip", batch, clip_alpha=0.0, **o)}
+
+# %% ../nbs/16_soft_clipping.ipynb #454a520e
+_HAPO_BARS = ("pos_high", "pos_low", "neg_high", "neg_low", "net")
+
+def hapo_clip_view(clip_alpha: float = 1.0, entropy_pivot: float = 0.8, reading: str = "code", seed: int = 0):
+    "HAPO's widget figure: `hapo_clip_stats` on `lab_batch(seed)`, the per-token bounds against H and the lab's ΔH/η bars."
+    import matplotlib.pyplot as plt
+    batch = lab_batch(seed)
+    s = hapo_clip_stats(batch, clip_alpha, entropy_pivot, reading)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
+    ax1.scatter(batch["entropy"], s["high"], s=3, label="1 + ε_h'"); ax1.scatter(batch["entropy"], s["low"], s=3, label="1 − ε_l'")
+    ax1.set_xscale("log"); ax1.set_xlabel("token entropy H"); ax1.set_ylabel("ratio bound"); ax1.legend(fontsize=8)
+    ax1.set_title(f"{reading} reading, α = {clip_alpha}, pivot {entropy_pivot}", fontsize=9)
+    x = torch.arange(len(_HAPO_BARS))
+    ax2.bar(x - 0.2, [s["lab_fixed"][q] for q in _HAPO_BARS], 0.4, label="α = 0 (fixed 0.2/0.2)")
+    ax2.bar(x + 0.2, [s["lab"][q] for q in _HAPO_BARS], 0.4, label=f"α = {clip_alpha}")
+    ax2.set_xticks(x, _HAPO_BARS, fontsize=8); ax2.axhline(0, color="k", lw=0.5); ax2.set_ylabel("ΔH/η per token (lab)")
+    ax2.legend(fontsize=8); fig.tight_layout()
+    return fig
