@@ -1252,6 +1252,8 @@ def evaluate(model, tokenizer, task, n_problems: int = 32, k: int = 1, *, sample
              max_new_tokens: int = 12, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              split: str = "test", batch_prompts: int = 16) -> dict:
     """pass@1 and pass@k on `n_problems` held-out problems, `samples` (default k) completions each."""
+    if isinstance(n_problems, bool) or not isinstance(n_problems, int) or n_problems < 1:
+        raise ValueError(f"n_problems must be a positive integer, got {n_problems!r}")
     samples = samples or k
     if k < 1 or samples < k:
         raise ValueError(f"need 1 <= k <= samples, got k={k}, samples={samples}")

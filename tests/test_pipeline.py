@@ -229,3 +229,10 @@ def test_a_run_value_is_taken_at_the_first_step_kept_and_resumed(tmp_path):
     resumed = train(steps=3, output_dir=str(tmp_path / "split"), **kw).metrics
     assert len({r["run/siren_anchor"] for r in full}) == 1               # taken once, kept
     assert strip_timing(full) == strip_timing(resumed)                    # and restored from the checkpoint
+
+
+def test_evaluate_refuses_zero_problems_before_sampling():
+    "The Python API refuses what the CLI refuses: no NaN pass@1 from an empty evaluation."
+    from entropy_rl.trainer import evaluate
+    with pytest.raises(ValueError, match="n_problems must be a positive integer"):
+        evaluate(None, None, None, n_problems=0)
