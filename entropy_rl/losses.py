@@ -18,8 +18,8 @@ from .registry import Registry
 # %% auto #0
 __all__ = ['AGGREGATIONS', 'INPUT_OPTIONS', 'COMMON_OPTIONS', 'REGULARIZERS', 'LOSSES', 'LossSpec', 'aggregate',
            'high_entropy_mask', 'register_loss', 'list_losses', 'loss_options', 'loss_needs', 'register_regularizer',
-           'list_regularizers', 'policy_loss', 'check_loss_options', 'apply_dual_clip', 'loss_token_gradients',
-           'loss_gradient_view']
+           'list_regularizers', 'policy_loss', 'clamped_k3', 'check_loss_options', 'apply_dual_clip',
+           'loss_token_gradients', 'loss_gradient_view']
 
 # %% ../nbs/06_losses.ipynb #9610a516
 AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -264,10 +264,14 @@ def _entropy_bonus(logp, m, inputs, agg):
     "-agg(H): subtracting c * agg(H) from the loss rewards entropy."
     return -agg(inputs["entropy"]), {}
 
+def clamped_k3(delta: Tensor) -> Tensor:
+    "k3(δ) = e^δ − δ − 1 clamped to [−10, 10] (verl's low_var_kl); δ = log q − log π_θ. Lp-Reg and ARES reuse it."
+    return (torch.exp(delta) - delta - 1).clamp(-10.0, 10.0)
+
 def _reference_kl(logp, m, inputs, agg):
     "agg(k3) with d = log pi_ref - log pi_theta, clamped at 10."
     d = torch.where(m, inputs["ref_logp"].detach().to(logp.dtype) - logp, torch.zeros_like(logp))
-    k3 = (torch.exp(d) - d - 1).clamp(max=10.0)
+    k3 = clamped_k3(d)
     return agg(k3), {"kl/k3_mean": k3.detach()[m].mean().item()}
 
 register_regularizer("entropy", _entropy_bonus, {}, "entropy bonus: -c * agg(H) (loss_options.entropy_coef)",
@@ -316,15 +320,19 @@ def _check_eps(clip_low: float, clip_high: float) -> None:
 def _mean_valid(x, m: Tensor) -> float:
     return float(x) if not isinstance(x, Tensor) else (x.detach().expand(m.shape)[m].double().mean().item() if m.any() else float("nan"))
 
+def _ratio_stats(ratio: Tensor, m: Tensor) -> dict:
+    "ratio/mean|min|max over the valid tokens (none when there are none)."
+    if not m.any():
+        return {}
+    rv = ratio.detach()[m].double()
+    return {"ratio/mean": rv.mean().item(), "ratio/min": rv.min().item(), "ratio/max": rv.max().item()}
+
 @torch.no_grad()
 def _ratio_metrics(ratio: Tensor, adv: Tensor, m: Tensor, low, high) -> dict:
     "Ratio statistics, clip-region fractions and bounds over the valid tokens."
     n = max(int(m.sum()), 1)
     r = ratio.detach()
-    out = {}
-    if m.any():
-        rv = r[m].double()
-        out.update({"ratio/mean": rv.mean().item(), "ratio/min": rv.min().item(), "ratio/max": rv.max().item()})
+    out = _ratio_stats(r, m)
     regions = clip_regions(r, adv, low, high)
     for k, v in regions.items():
         out[f"clip/{k}"] = int((v & m).sum()) / n
@@ -415,9 +423,7 @@ def _sspo_loss(logp, old_logp, adv, m, entropy=None, *, segment_ids, clip_low, c
     r_scaled = 1 + (ratio - 1) / k
     per_token = -(1 - k) * adv + k * clipped_surrogate_loss(r_scaled, adv, low, high)
     metrics = _ratio_metrics(r_scaled, adv, m, low, high)     # regions of r~ vs fixed = regions of r vs per-token bounds
-    rv = ratio.detach()[m].double()
-    metrics.update({"ratio/mean": rv.mean().item(), "ratio/min": rv.min().item(), "ratio/max": rv.max().item(),
-                    "bound/low": _mean_valid(lo_t, m), "bound/high": _mean_valid(hi_t, m), "sspo/adaptive": 1.0})
+    metrics.update({**_ratio_stats(ratio, m), "bound/low": _mean_valid(lo_t, m), "bound/high": _mean_valid(hi_t, m), "sspo/adaptive": 1.0})
     return per_token, metrics
 
 register_loss("gspo", _gspo_loss, dict(clip_low=3e-4, clip_high=4e-4), "seq-mean-token-mean",
@@ -450,8 +456,7 @@ def _clip_cov(logp, old_logp, adv, m, entropy=None, **opts):
 def _kl_cov(logp, old_logp, adv, m, entropy=None, **opts):
     "KL-Cov: unclipped -A r, plus a |log r| penalty on the top-covariance tokens."
     per_token, selected = kl_cov_loss(logp, old_logp, adv, m, **opts)
-    r = token_ratios(logp, old_logp, m).detach()[m].double()
-    metrics = {"ratio/mean": r.mean().item(), "ratio/min": r.min().item(), "ratio/max": r.max().item()} if m.any() else {}
+    metrics = _ratio_stats(token_ratios(logp, old_logp, m), m)
     metrics.update(_selected_metrics(selected, m))
     return per_token, metrics
 

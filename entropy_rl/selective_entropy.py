@@ -20,10 +20,9 @@ from .toy import policy_probs, policy_log_probs, policy_entropy
 # %% auto #0
 __all__ = ['ARES_BUCKETS', 'ARES_KL_DEFAULTS', 'rowwise_head', 'topk_nucleus_entropy', 'nucleus_entropy_head',
            'min_p_proxy_log_softmax', 'min_p_proxy_logprobs', 'min_p_proxy_kl', 'proxy_logp_head', 'proxy_kl_head',
-           'siren_peak_mask', 'siren_mean', 'siren_anchor', 'siren_toy_step', 'siren_view', 'clamped_k3',
-           'lp_reg_select', 'lp_reg_toy', 'lp_reg_view', 'spine_forking_mask', 'entropy_band_hinge', 'band_step',
-           'band_view', 'ares_difficulty', 'ares_kl_state', 'ares_kl_update', 'ares_sequence_beta', 'sequence_mean_k3',
-           'ares_view']
+           'siren_peak_mask', 'siren_mean', 'siren_anchor', 'siren_toy_step', 'siren_view', 'lp_reg_select',
+           'lp_reg_toy', 'lp_reg_view', 'spine_forking_mask', 'entropy_band_hinge', 'band_step', 'band_view',
+           'ares_difficulty', 'ares_kl_state', 'ares_kl_update', 'ares_sequence_beta', 'sequence_mean_k3', 'ares_view']
 
 # %% ../nbs/19_selective_entropy.ipynb #97c3ed68
 def _check_positive_int(x, name: str) -> int:
@@ -227,9 +226,7 @@ def siren_view(logits: Tensor, anchor: float = 0.65, top_p: float = 0.8, lr: flo
     return fig
 
 # %% ../nbs/19_selective_entropy.ipynb #91f27a43
-def clamped_k3(delta: Tensor) -> Tensor:
-    "k3(δ) = e^δ − δ − 1 clamped to [−10, 10] (verl's low_var_kl); δ = log q − log π_θ."
-    return (torch.exp(delta) - delta - 1).clamp(-10.0, 10.0)
+from .losses import clamped_k3   # chapter 06's k3, the reference KL's term
 
 
 def lp_reg_select(logp: Tensor, proxy_logp: Tensor, adv: Tensor, mask: Tensor, rho: float = 0.01) -> Tensor:

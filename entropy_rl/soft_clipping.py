@@ -100,9 +100,7 @@ def sapo_gate(ratio: Tensor, adv: Tensor, tau_pos: float = 1.0, tau_neg: float =
     tau = torch.where(adv > 0, torch.full_like(ratio, tau_pos), torch.full_like(ratio, tau_neg))
     return 4 / tau * torch.sigmoid(tau * (ratio - 1))
 
-def _ratio_stats(ratio: Tensor, m: Tensor) -> dict:
-    rv = ratio.detach()[m].double()
-    return {"ratio/mean": rv.mean().item(), "ratio/min": rv.min().item(), "ratio/max": rv.max().item()}
+from .losses import _ratio_stats   # chapter 06's ratio/mean|min|max
 
 def sapo_loss(logp, old_logp, adv, m, entropy=None, *, tau_pos, tau_neg):
     "SAPO: ℓ = −A (4/τ) σ(τ (r − 1)); w = −4Aσ(1−σ) r, smooth and never exactly 0."
