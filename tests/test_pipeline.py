@@ -201,7 +201,8 @@ def test_cli_overrides_reach_every_stage():
 
 def test_a_run_value_is_taken_at_the_first_step_kept_and_resumed(tmp_path):
     "SIREN's anchor: the old-policy nucleus entropy's H̄ over step 1's batch, kept for the run, restored on resume."
-    from entropy_rl.selective_entropy import nucleus_entropy_head, siren_anchor
+    from entropy_rl.entropy import nucleus_entropy        # chapter 00's strict nucleus, on full float64 logits
+    from entropy_rl.selective_entropy import siren_anchor
     from entropy_rl.trainer import _response_hidden
     kw = dict(TINY, regularizers={"siren": {"coef": 0.05}}, save_every=1)
     t = Trainer(dict(kw, steps=1, output_dir=str(tmp_path / "one")), reward_fn=odd_length)
@@ -219,9 +220,10 @@ def test_a_run_value_is_taken_at_the_first_step_kept_and_resumed(tmp_path):
     with torch.no_grad():
         T = b.mask.shape[1]
         h = _response_hidden(t.unwrapped, b.ids, b.attn, T)
-        labels = b.response_ids.masked_fill(~b.mask, -100).reshape(-1)
-        H = nucleus_entropy_head(h.reshape(-1, h.shape[-1]), t.unwrapped.get_output_embeddings().weight, labels, 1.0)
-    want = siren_anchor(H.view(b.mask.shape).masked_fill(~b.mask, 0.0), b.mask, 0.8)
+        W = t.unwrapped.get_output_embeddings().weight
+        assert W.shape[0] <= 10_000                          # SIREN's top-k = 10,000 keeps the whole tiny vocabulary
+        H = nucleus_entropy(h.double() @ W.double().T, top_p=0.8)
+    want = siren_anchor(H.masked_fill(~b.mask, 0.0), b.mask, 0.8)
     assert m["run/siren_anchor"] == pytest.approx(want, rel=1e-5)
     kw["reward_fn"] = odd_length
     full = train(steps=3, output_dir=str(tmp_path / "full"), **kw).metrics
