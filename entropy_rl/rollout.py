@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'RolloutBatch', 'response_logprobs', 'RolloutEngine', 'top_p_mask', 'list_samplers', 'sampling_transform',
-           'response_mask_from_ids', 'TransformersEngine', 'VLLMEngine']
+           'response_mask_from_ids', 'cache_keyword', 'output_cache', 'distinct_rows', 'shared_prefill',
+           'TransformersEngine', 'VLLMEngine']
 
 # %% ../nbs/10_rollout.ipynb #c84c6e50
 import abc
@@ -156,13 +157,48 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: Sequence[int]) -
     after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0      # strictly after the first EOS
     return ~after
 
+# %% ../nbs/10_rollout.ipynb #2ecda100
+def cache_keyword(fn) -> str:
+    "The keyword a transformers forward takes its KV cache under (`cache` from transformers 5.x, else `past_key_values`)."
+    import inspect
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+def output_cache(out):
+    "The KV cache a transformers forward returned (either field name)."
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+def distinct_rows(*tensors: torch.Tensor) -> tuple:
+    """(first, inverse): `first[k]` is the first row of distinct row k of the column-stacked `tensors`, and row i equals
+    distinct row `inverse[i]`. Rows repeat when a prompt is sampled G times."""
+    _, inverse = torch.unique(torch.cat([t.long() for t in tensors], 1), dim=0, return_inverse=True)
+    rows = torch.arange(len(inverse), device=inverse.device)
+    first = torch.full((int(inverse.max()) + 1,), len(inverse), dtype=torch.long, device=inverse.device)
+    return first.scatter_reduce(0, inverse, rows, "amin"), inverse
+
+@torch.no_grad()
+def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """The `generate` keyword holding the KV cache of every prompt but its last token, computed once per distinct
+    prompt and repeated for its copies ({} when no prompt repeats: nothing to share). `generate` then runs only the
+    last prompt token and the new ones; the cache is exactly what it would have computed for each copy."""
+    first, inverse = distinct_rows(input_ids, attention_mask)
+    if len(first) == len(input_ids) or input_ids.shape[1] < 2:
+        return {}
+    ids, mask = input_ids[first, :-1], attention_mask[first, :-1]
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)              # left padding: positions as `generate` sets them
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    cache = output_cache(out)
+    cache.batch_select_indices(inverse)                           # distinct prompt k's cache to each of its rows
+    return {cache_keyword(model.forward): cache}
+
 # %% ../nbs/10_rollout.ipynb #b8cfa1c3
 class TransformersEngine(RolloutEngine):
     "Batched sampling with transformers `generate`: left padding, temperature / top-p, stop at EOS, sampling log-probs."
-    def __init__(self, model, tokenizer, *, max_batch_size: int = 64):
+    def __init__(self, model, tokenizer, *, max_batch_size: int = 64, share_prompts: bool = True):
         if tokenizer.pad_token_id is None: raise ValueError("the tokenizer needs a pad token (models.prepare_tokenizer sets one)")
         if max_batch_size < 1: raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model, self.tokenizer, self.max_batch_size = model, tokenizer, max_batch_size
+        self.share_prompts = share_prompts      # prefill each distinct prompt once, its KV cache shared by its samples
         self.eos_ids = _eos_ids(model, tokenizer)
 
     def _check(self, prompts, num_samples, max_new_tokens, temperature, top_p):
@@ -188,7 +224,8 @@ class TransformersEngine(RolloutEngine):
                                eos_token_id=self.eos_ids, pad_token_id=tok.pad_token_id,
                                bos_token_id=getattr(tok, "bos_token_id", None))
         was_training = model.training; model.eval()
-        try: out = model.generate(**enc, generation_config=cfg, logits_processor=[warper])
+        shared = shared_prefill(model, enc["input_ids"], enc["attention_mask"]) if self.share_prompts else {}
+        try: out = model.generate(**enc, generation_config=cfg, logits_processor=[warper], **shared)
         finally: model.train(was_training)
         P = enc["input_ids"].shape[1]
         resp = out[:, P:]

@@ -32,7 +32,7 @@ from .losses import (INPUT_OPTIONS, REGULARIZERS, check_loss_options, list_losse
                                loss_options, policy_loss)
 from .advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
 from .registry import QUANTITIES, RUN_VALUES
-from .rollout import SAMPLERS
+from .rollout import SAMPLERS, cache_keyword, distinct_rows, output_cache
 # the run directory (chapter 11a); save_checkpoint, latest_checkpoint, load_checkpoint, load_weights, read_metrics and
 # RESUMABLE_CHANGES stay importable from here
 from .rundir import (RESUMABLE_CHANGES, CheckpointError, Interrupted, RunDirLocked, RunLock, StopSignals, _atomic_write,
@@ -95,6 +95,7 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto: bf16 on GPU, none on CPU
     device: str = "auto"
     fused: bool = True           # log-probs and entropy through the fused head
+    share_prompts: bool = True   # a group's samples share one prompt forward (rollout prefill and training forward)
     rollout_engine: str = "transformers"  # "vllm": colocated vLLM (pip install entropy_rl[gpu]; untested here)
     rollout_options: dict = field(default_factory=dict)   # keyword arguments of the engine (e.g. gpu_memory_utilization)
     tis_cap: float | None = None # truncated importance sampling: per-token weight min(pi_old / mu, tis_cap); None: off
@@ -309,25 +310,40 @@ def recipe_description(name: str) -> str:
     return (yaml.safe_load(files("entropy_rl").joinpath("recipes", f"{name}.yaml").read_text()) or {}).get("description", "")
 
 # %% ../nbs/11_trainer.ipynb #7333d29d
-def _response_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
-    "Last hidden states at the positions that predict the final `T` tokens: [B, T, D]."
+def _response_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int,
+                     share_prompts: bool = True) -> torch.Tensor:
+    """Last hidden states at the positions that predict the final `T` tokens: [B, T, D]. With `share_prompts`, rows
+    with the same prompt (a group's samples) run it once and attend to its KV cache, repeated per row: the same values
+    with fewer FLOPs, and the gradient of the shared prompt positions is the sum over the rows that use them."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
     decoder = base.get_decoder()
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding → positions from 0
+    P = input_ids.shape[1] - T
+    if share_prompts and P > 0 and not getattr(base, "is_gradient_checkpointing", False):
+        first, inverse = distinct_rows(input_ids[:, :P], attention_mask[:, :P])
+        if len(first) < len(input_ids):
+            head = decoder(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
+                           position_ids=position_ids[first, :P], use_cache=True)
+            cache = output_cache(head)
+            cache.batch_select_indices(inverse)                     # distinct prompt k's keys/values to each of its rows
+            rest = decoder(input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=position_ids[:, P:],
+                           use_cache=True, **{cache_keyword(decoder.forward): cache}).last_hidden_state
+            return torch.cat([head.last_hidden_state[inverse, -1:], rest[:, :T - 1]], 1)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state
     return hidden[:, -T - 1:-1]
 
 def policy_logprobs_and_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                 response_mask: torch.Tensor, temperature: float = 1.0,
-                                fused: bool = True, quantities: dict | None = None) -> tuple:
+                                fused: bool = True, quantities: dict | None = None, share_prompts: bool = True) -> tuple:
     """Log-probs of the response tokens and the policy entropy at each response position.
 
     `input_ids` = prompt ⊕ response (the response is the last `T = response_mask.shape[1]` columns).
     Runs the decoder to its last hidden states, then the output head: the fused kernel when
     `fused`, else full logits through `entropy_rl.entropy`. Returns fp32 ([B, T], [B, T]), zero
     where `response_mask` is 0. With `quantities` ({name: options} of `entropy_rl.registry.QUANTITIES`) it also
-    returns {name: [B, T]} computed from the same hidden states (with gradient when the caller has it on)."""
+    returns {name: [B, T]} computed from the same hidden states (with gradient when the caller has it on).
+    `share_prompts`: rows with one prompt run it once (see `_response_hidden`)."""
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids and attention_mask must be [B, L] of one shape, got "
                          f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
@@ -336,7 +352,7 @@ def policy_logprobs_and_entropy(model, input_ids: torch.Tensor, attention_mask: 
         raise ValueError(f"response_mask {tuple(response_mask.shape)} does not fit input_ids {tuple(input_ids.shape)}")
     mask = response_mask.bool()
     labels = input_ids[:, -T:]
-    hidden = _response_hidden(model, input_ids, attention_mask, T)
+    hidden = _response_hidden(model, input_ids, attention_mask, T, share_prompts)
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError("output heads with a bias are not supported")
@@ -363,9 +379,9 @@ class PolicyScorer(torch.nn.Module):
     """The policy behind the one forward the loss uses: (input_ids, attention_mask, response_mask) → (log-probs, entropy).
     The trainer hands this module (not the bare causal LM) to accelerate, so DDP / FSDP see the forward whose
     backward they synchronise."""
-    def __init__(self, policy, temperature: float = 1.0, fused: bool = True):
+    def __init__(self, policy, temperature: float = 1.0, fused: bool = True, share_prompts: bool = True):
         super().__init__()
-        self.policy, self.temperature, self.fused = policy, temperature, fused
+        self.policy, self.temperature, self.fused, self.share_prompts = policy, temperature, fused, share_prompts
         # FSDP's transformer-layer auto-wrap reads the layer classes from the module it is given: pass the policy's
         # on, or FSDP wraps only this root and gathers the whole model at every forward
         self._no_split_modules = getattr(policy, "_no_split_modules", None)
@@ -373,7 +389,7 @@ class PolicyScorer(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
                 quantities: dict | None = None):
         return policy_logprobs_and_entropy(self.policy, input_ids, attention_mask, response_mask, self.temperature,
-                                           self.fused, quantities)
+                                           self.fused, quantities, self.share_prompts)
 
 # %% ../nbs/11_trainer.ipynb #466b488b
 def build_model(config: TrainConfig):
@@ -417,6 +433,8 @@ def _engine(model, tokenizer, config: TrainConfig | None = None):
     "The rollout engine `config.rollout_engine` names, built with `config.rollout_options`."
     from entropy_rl.rollout import TransformersEngine, VLLMEngine
     name, opts = ("transformers", {}) if config is None else (config.rollout_engine, dict(config.rollout_options))
+    if config is not None and name == "transformers":
+        opts.setdefault("share_prompts", config.share_prompts)
     try:
         return (VLLMEngine if name == "vllm" else TransformersEngine)(model, tokenizer, **opts)
     except TypeError as e:
@@ -724,7 +742,7 @@ class StepPipeline:
         with torch.no_grad(), self.accelerator.autocast(), self._full_params():
             for i in chunks:
                 i = i.to(dev)
-                args = (batch.ids[i], batch.attn[i], batch.mask[i], c.temperature, c.fused)
+                args = (batch.ids[i], batch.attn[i], batch.mask[i], c.temperature, c.fused, None, c.share_prompts)
                 if self.reference is None:                          # LoRA: the base model is the reference
                     with self.unwrapped.disable_adapter():
                         out[i] = policy_logprobs_and_entropy(self.unwrapped, *args)[0]
@@ -742,7 +760,7 @@ class StepPipeline:
             head = self.unwrapped.get_output_embeddings().weight
             for i in chunks:
                 i = i.to(dev)
-                hidden = _response_hidden(self.unwrapped, batch.ids[i], batch.attn[i], T)
+                hidden = _response_hidden(self.unwrapped, batch.ids[i], batch.attn[i], T, c.share_prompts)
                 flat = hidden.reshape(-1, hidden.shape[-1])
                 labels = batch.response_ids[i].masked_fill(~batch.mask[i], -100).reshape(-1)
                 for n in names:
@@ -1008,7 +1026,7 @@ class Trainer(StepPipeline):
         total = c.steps * c.epochs_per_step * c.minibatches
         # the scheduler stays outside accelerate.prepare: its wrapper steps W times per call in W processes
         self.scheduler = _scheduler(optimizer, c, total)
-        self.model, self.optimizer = self.accelerator.prepare(PolicyScorer(model, c.temperature, c.fused), optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(PolicyScorer(model, c.temperature, c.fused, c.share_prompts), optimizer)
         if self.reference is not None:
             self.reference.to(self.accelerator.device)
         if is_fsdp1(self.model):
