@@ -189,7 +189,8 @@ def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     cache = output_cache(out)
     cache.batch_select_indices(inverse)                           # distinct prompt k's cache to each of its rows
-    return {cache_keyword(model.forward): cache}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model   # peft forwards the keyword as is
+    return {cache_keyword(base.forward): cache}
 
 # %% ../nbs/10_rollout.ipynb #b8cfa1c3
 class TransformersEngine(RolloutEngine):

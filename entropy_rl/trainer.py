@@ -53,6 +53,7 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "rollout_engine": ("transformers", "vllm"),
     "batch_scope": SCOPES,
+    "minibatch_split": ("groups", "rows"),
 }
 
 @dataclass
@@ -96,6 +97,7 @@ class TrainConfig:
     device: str = "auto"
     fused: bool = True           # log-probs and entropy through the fused head
     share_prompts: bool = True   # a group's samples share one prompt forward (rollout prefill and training forward)
+    minibatch_split: str = "groups"  # minibatches of whole groups (prompt sharing works inside them) or of shuffled rows
     rollout_engine: str = "transformers"  # "vllm": colocated vLLM (pip install entropy_rl[gpu]; untested here)
     rollout_options: dict = field(default_factory=dict)   # keyword arguments of the engine (e.g. gpu_memory_utilization)
     tis_cap: float | None = None # truncated importance sampling: per-token weight min(pi_old / mu, tis_cap); None: off
@@ -310,6 +312,11 @@ def recipe_description(name: str) -> str:
     return (yaml.safe_load(files("entropy_rl").joinpath("recipes", f"{name}.yaml").read_text()) or {}).get("description", "")
 
 # %% ../nbs/11_trainer.ipynb #7333d29d
+def _checkpointing(model) -> bool:
+    "Whether activation (gradient) checkpointing is on: it turns the KV cache off, so prompts cannot be shared."
+    flag = getattr(type(model), "is_activation_checkpointing", None)   # transformers >= 5 (the older name warns there)
+    return bool(model.is_activation_checkpointing if flag is not None else getattr(model, "is_gradient_checkpointing", False))
+
 def _response_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int,
                      share_prompts: bool = True) -> torch.Tensor:
     """Last hidden states at the positions that predict the final `T` tokens: [B, T, D]. With `share_prompts`, rows
@@ -319,7 +326,7 @@ def _response_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     decoder = base.get_decoder()
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding → positions from 0
     P = input_ids.shape[1] - T
-    if share_prompts and P > 0 and not getattr(base, "is_gradient_checkpointing", False):
+    if share_prompts and P > 0 and not _checkpointing(base):
         first, inverse = distinct_rows(input_ids[:, :P], attention_mask[:, :P])
         if len(first) < len(input_ids):
             head = decoder(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
@@ -688,8 +695,14 @@ class StepPipeline:
 
     # ---- score: the old policy, and what the stages declared ---------------------------------------------------
     def _minibatch_orders(self, B: int) -> list:
-        c = self.config
-        return [torch.randperm(B, generator=self.generators["shuffle"]) if c.minibatches > 1 else torch.arange(B)
+        """One row order per epoch; minibatches are its consecutive slices. `minibatch_split="groups"` shuffles whole
+        groups (each minibatch holds all G samples of its prompts, so their prompt forward is shared), "rows" rows."""
+        c, G = self.config, self.config.group_size
+        if c.minibatches == 1:
+            return [torch.arange(B) for _ in range(c.epochs_per_step)]
+        if c.minibatch_split == "rows":
+            return [torch.randperm(B, generator=self.generators["shuffle"]) for _ in range(c.epochs_per_step)]
+        return [(torch.randperm(B // G, generator=self.generators["shuffle"])[:, None] * G + torch.arange(G)).flatten()
                 for _ in range(c.epochs_per_step)]
 
     def _score(self, batch: StepBatch, first_minibatch: torch.Tensor) -> None:
