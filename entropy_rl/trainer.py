@@ -32,7 +32,7 @@ from .losses import (INPUT_OPTIONS, REGULARIZERS, check_loss_options, list_losse
                                loss_options, policy_loss)
 from .advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
 from .registry import QUANTITIES, RUN_VALUES
-from .rollout import SAMPLERS, cache_keyword, distinct_rows, output_cache
+from .rollout import ROLLOUTS, SAMPLERS, cache_keyword, distinct_rows, output_cache
 # the run directory (chapter 11a); save_checkpoint, latest_checkpoint, load_checkpoint, load_weights, read_metrics and
 # RESUMABLE_CHANGES stay importable from here
 from .rundir import (RESUMABLE_CHANGES, CheckpointError, Interrupted, RunDirLocked, RunLock, StopSignals, _atomic_write,
@@ -67,6 +67,8 @@ class TrainConfig:
     loss_options: dict = field(default_factory=dict)
     sampler: str = "default"     # any name in `entropy_rl.rollout.list_samplers()`; "default": temperature + top_p
     sampler_options: dict = field(default_factory=dict)
+    rollout_structure: str = "default"  # any name in `entropy_rl.rollout.list_rollouts()`: which sequences a step samples
+    rollout_structure_options: dict = field(default_factory=dict)
     reward_shaping: list = field(default_factory=list)            # shaper names, applied in order (e.g. ["overlong"])
     reward_shaping_options: dict = field(default_factory=dict)    # shaper name -> its options
     group_filter: str | None = None   # a name in `list_group_filters()`; None: keep every group (see dynamic_sampling)
@@ -138,6 +140,10 @@ class TrainConfig:
         self.loss_options = _settable(check_loss_options(self.algo, {**self.loss_options, **self._regularizer_terms()}),
                                       self.loss_options)
         self.sampler_options = SAMPLERS.resolve(self.sampler, self.sampler_options)
+        self.rollout_structure_options = ROLLOUTS.resolve(self.rollout_structure, self.rollout_structure_options)
+        fits = ROLLOUTS.get(self.rollout_structure).meta.get("group_size")   # a structure may shape the group
+        if fits is not None:
+            fits(self.group_size, **self.rollout_structure_options)
         if not isinstance(self.reward_shaping, list) or not all(isinstance(n, str) for n in self.reward_shaping):
             raise ValueError(f"reward_shaping must be a list of shaper names, got {self.reward_shaping!r}")
         stray = sorted(set(self.reward_shaping_options) - set(self.reward_shaping))
@@ -229,7 +235,8 @@ class TrainConfig:
             raise ValueError(f"tis_cap must be None or a finite number > 0 (typically 2), got {self.tis_cap!r}")
         if self.tis_cap is not None and "token_weights" in self.loss_options:
             raise ValueError("tis_cap sets the loss's token_weights; do not pass token_weights in loss_options too")
-        for k in ("task_options", "loss_options", "rollout_options", "sampler_options", "reward_shaping_options",
+        for k in ("task_options", "loss_options", "rollout_options", "sampler_options", "rollout_structure_options",
+                  "reward_shaping_options",
                   "group_filter_options", "advantage_options", "regularizers"):
             if not isinstance(getattr(self, k), dict):
                 raise ValueError(f"{k} must be a dict, got {getattr(self, k)!r}")
@@ -622,17 +629,20 @@ class StepPipeline:
         problems = _sample_problems(self.task, c.prompts_per_step, "train", seed=c.seed * 1_000_003 + step + r * 1_000_000_007)
         seeds = [_round_seed(base, r) * 1_000_003 + i for i in range(c.prompts_per_step)]
         problems, seeds = problems[self.groups], seeds[self.groups]          # whole groups per process
-        rb = self.engine.generate(_prompts(self.tokenizer, problems, self.task), num_samples=c.group_size,
-                                  max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seeds,
-                                  sampler=c.sampler, sampler_options=c.sampler_options)
+        grade = self.reward_fn or self.task.reward
+        tools = dict(tokenizer=self.tokenizer, model=self.unwrapped, step=step,
+                     grade=lambda texts, idx: torch.tensor([float(grade(t, problems[i])) for t, i in zip(texts, idx)]))
+        gen = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seeds,
+                   sampler=c.sampler, sampler_options=c.sampler_options)
+        rb, extras = ROLLOUTS.get(c.rollout_structure).fn(self.engine, _prompts(self.tokenizer, problems, self.task),
+                                                          c.group_size, gen, tools, **c.rollout_structure_options)
         gids = rb.group_ids.tolist() if torch.is_tensor(rb.group_ids) else list(rb.group_ids)
         if gids != [i // c.group_size for i in range(len(gids))]:
             raise RuntimeError("rollout groups must be contiguous (prompt i → rows i*G..i*G+G-1)")
-        grade = self.reward_fn or self.task.reward
         scores = torch.tensor([float(grade(t, problems[g])) for t, g in zip(rb.texts, gids)], dtype=torch.float32)
         view = {"lengths": rb.response_mask.sum(-1), "mask": rb.response_mask, "scores": scores, "texts": rb.texts,
                 "response_ids": rb.response_ids, "max_new_tokens": c.max_new_tokens}
-        rewards, shaping = scores.clone(), {}
+        rewards, shaping = scores.clone(), dict(extras.get("metrics", {}))
         for name, opts in c.reward_shaping_options.items():
             rewards, m = REWARD_SHAPERS.get(name).fn(rewards, view, **opts)
             shaping.update(m)
@@ -884,7 +894,8 @@ def _stage_rows(config: TrainConfig) -> list:
     from entropy_rl.losses import LOSSES
     regs = {**config.regularizers, **({"kl": {}} if config.kl_coef else {}),
             **({"entropy": {}} if config.loss_options.get("entropy_coef") else {})}
-    return [("sampler", "sampler", SAMPLERS, {config.sampler}),
+    return [("rollout structure", "rollout_structure", ROLLOUTS, {config.rollout_structure}),
+            ("sampler", "sampler", SAMPLERS, {config.sampler}),
             ("reward shapers", "reward_shaping", REWARD_SHAPERS, set(config.reward_shaping)),
             ("group filter", "group_filter", GROUP_FILTERS, {config.group_filter} - {None}),
             ("advantages", "advantage", ADVANTAGES, {config.advantage}),
