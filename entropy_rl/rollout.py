@@ -33,6 +33,7 @@ class RolloutBatch:
     prompts: list = field(default_factory=list)   # the distinct prompt texts, in group order
     temperature: float = 1.0
     top_p: float = 1.0
+    advantage_override: torch.Tensor | None = None   # [B] set by a rollout structure (AEPO's +1 rows); NaN: the estimator decides
 
     def __len__(self) -> int: return self.response_ids.shape[0]
 

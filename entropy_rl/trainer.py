@@ -517,6 +517,7 @@ class StepBatch:
     ref_logp: torch.Tensor | None = None       # [B, T] the frozen reference policy (when declared)
     segment_ids: torch.Tensor | None = None    # [B, T] (when declared)
     quantities: dict = field(default_factory=dict)   # declared QUANTITIES by name, [B, T] each
+    advantage_override: torch.Tensor | None = None   # [B] from the rollout structure: a finite value replaces the row's advantage
 
     @property
     def response_ids(self) -> torch.Tensor: return self.ids[:, -self.mask.shape[1]:]
@@ -552,6 +553,9 @@ class StepBatch:
         if adv.shape not in ((B,), (B, T)):
             raise ValueError(f"an advantage estimator returned shape {tuple(adv.shape)}; expected [B]={B} or [B, T]={(B, T)}")
         adv = (adv[:, None].expand(B, T) if adv.dim() == 1 else adv).float().to(self.mask.device)
+        if self.advantage_override is not None:             # a rollout structure fixed some rows' advantage (AEPO: +1)
+            o = self.advantage_override.float().to(adv.device)
+            adv = torch.where(torch.isfinite(o)[:, None], o[:, None].expand(B, T), adv)
         if not torch.isfinite(adv[self.mask]).all():
             raise ValueError("advantages have NaN/inf on valid tokens")
         self.advantages = torch.where(self.mask, adv, torch.zeros((), device=adv.device))
@@ -564,7 +568,8 @@ def _take_groups(parts: list, group_size: int, pad_id: int) -> dict:
     """Concatenate the kept groups of several rollouts: prompts left-padded, responses right-padded to one width.
     `parts`: (RolloutBatch, problems, scores, rewards, keep [groups] bool)."""
     P = max(p[0].prompt_ids.shape[1] for p in parts); T = max(p[0].response_ids.shape[1] for p in parts)
-    out = {k: [] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "sample_logp", "scores", "rewards")}
+    out = {k: [] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "sample_logp", "scores", "rewards",
+                           "advantage_override")}
     out["texts"], out["problems"] = [], []
     for rb, problems, scores, rewards, keep in parts:
         rows = keep.repeat_interleave(group_size).nonzero().squeeze(-1)
@@ -574,6 +579,8 @@ def _take_groups(parts: list, group_size: int, pad_id: int) -> dict:
         out["response_mask"].append(_pad_rows(rb.response_mask[rows], T, False))
         out["sample_logp"].append(_pad_rows(rb.sampling_logprobs.float()[rows], T, 0.0))
         out["scores"].append(scores[rows]); out["rewards"].append(rewards[rows])
+        o = rb.advantage_override
+        out["advantage_override"].append(o[rows].float() if o is not None else torch.full((len(rows),), float("nan")))
         out["texts"] += [rb.texts[i] for i in rows.tolist()]
         out["problems"] += [problems[g] for g in keep.nonzero().squeeze(-1).tolist()]
     return {k: (torch.cat(v) if k not in ("texts", "problems") else v) for k, v in out.items()}
@@ -686,7 +693,9 @@ class StepPipeline:
                           attn=torch.cat([t["prompt_mask"], t["response_mask"]], 1).long().to(dev),
                           mask=t["response_mask"].bool().to(dev), sample_logp=t["sample_logp"].to(dev),
                           scores=t["scores"].to(dev), rewards=t["rewards"].to(dev), group_size=c.group_size,
-                          max_new_tokens=c.max_new_tokens, step=step + 1, texts=t["texts"])
+                          max_new_tokens=c.max_new_tokens, step=step + 1, texts=t["texts"],
+                          advantage_override=(t["advantage_override"].to(dev) if t["advantage_override"].isfinite().any()
+                                              else None))
         return batch.validate(), sampling
 
     def _sampling_metrics(self, parts: list, shaping: list, rounds: int, drawn: int, kept: int) -> dict:

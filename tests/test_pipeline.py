@@ -39,7 +39,8 @@ def test_every_registered_stage_entry_trains_one_step(tmp_path, stage, name):
     if stage == "reward_shaping":
         kw["reward_shaping"] = [name]
     elif stage == "rollout_structure":   # CURE: two originals per group (one alone has no signal at 4 tokens), char tokens
-        kw.update(rollout_structure=name, rollout_structure_options={"cure": {"n2": 1, "min_token_chars": 1}}.get(name, {}))
+        kw.update(rollout_structure=name, rollout_structure_options={"cure": {"n2": 1, "min_token_chars": 1},
+                                                                     "aepo": {"prompt_frac": 1.0}}.get(name, {}))
     elif stage == "regularizer":
         kw["regularizers"] = {name: {"coef": 0.1}}
         if name in NOT_PROVIDED:
@@ -271,3 +272,19 @@ def test_cure_stage_two_is_plain_sampling(tmp_path):
     m = train(steps=2, output_dir=str(tmp_path / "r"), **TINY, rollout_structure="cure",
               rollout_structure_options={"n2": 1, "stage1_steps": 1}, reward_fn=odd_length).metrics
     assert [x["cure/stage"] for x in m] == [1.0, 2.0]
+
+
+def test_aepo_rows_train_with_advantage_plus_one(tmp_path):
+    "AEPO's kept hot samples replace main rows and carry advantage +1 on every token; the others keep the estimator's."
+    t = Trainer(dict(TINY, rollout_structure="aepo", rollout_structure_options={"prompt_frac": 1.0, "reinforce_samples": 8},
+                     output_dir=str(tmp_path / "t")), reward_fn=odd_length)
+    for step in range(4):                        # until some row was replaced
+        batch, sampling = t._rollout(step)
+        if sampling["aepo/replaced"] > 0:
+            break
+    assert sampling["aepo/replaced"] > 0 and sampling["aepo/temperature"] == 1.2   # h_prev starts at 0: hot
+    rows = torch.isfinite(batch.advantage_override)
+    assert int(rows.sum()) == int(sampling["aepo/replaced"])   # one round, one process: the count
+    batch.set_advantages(torch.zeros(len(batch)))
+    assert torch.all(batch.advantages[rows][batch.mask[rows]] == 1.0)
+    assert torch.all(batch.advantages[~rows] == 0.0)
