@@ -40,7 +40,8 @@ def test_every_registered_stage_entry_trains_one_step(tmp_path, stage, name):
         kw["reward_shaping"] = [name]
     elif stage == "rollout_structure":   # CURE: two originals per group (one alone has no signal at 4 tokens), char tokens
         kw.update(rollout_structure=name, rollout_structure_options={"cure": {"n2": 1, "min_token_chars": 1},
-                                                                     "aepo": {"prompt_frac": 1.0}}.get(name, {}))
+                                                                     "aepo": {"prompt_frac": 1.0},
+                                                                     "eb_tree": {"branch_probability": 0.1}}.get(name, {}))
     elif stage == "regularizer":
         kw["regularizers"] = {name: {"coef": 0.1}}
         if name in NOT_PROVIDED:
@@ -288,3 +289,13 @@ def test_aepo_rows_train_with_advantage_plus_one(tmp_path):
     batch.set_advantages(torch.zeros(len(batch)))
     assert torch.all(batch.advantages[rows][batch.mask[rows]] == 1.0)
     assert torch.all(batch.advantages[~rows] == 0.0)
+
+
+def test_eb_tree_rollouts_resume_exactly(tmp_path):
+    kw = dict(TINY, group_size=4, rollout_structure="eb_tree", max_new_tokens=6,
+              rollout_structure_options={"segment_tokens": 2, "branch_probability": 0.1}, reward_fn=odd_length)
+    full = train(steps=2, output_dir=str(tmp_path / "full"), **kw).metrics
+    train(steps=1, output_dir=str(tmp_path / "split"), **kw)
+    resumed = train(steps=2, output_dir=str(tmp_path / "split"), **kw).metrics
+    assert strip_timing(full) == strip_timing(resumed)
+    assert sum(m["eb/branches"] for m in full) > 0
