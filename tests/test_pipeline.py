@@ -210,9 +210,9 @@ def test_a_run_value_is_taken_at_the_first_step_kept_and_resumed(tmp_path):
     captured = {}
     orig = t._take_run_values
 
-    def spy(batch, pending):
+    def spy(batch, pending, *view):
         captured["batch"] = batch
-        orig(batch, pending)
+        orig(batch, pending, *view)
     t._take_run_values = spy
     m = t.train().metrics[0]
     b = captured["batch"]                                   # independent: the initial weights on step 1's batch
