@@ -135,3 +135,43 @@ def test_the_loss_gets_a_fresh_state_per_call_outside_the_trainer(toy_entries):
         policy_loss("grpo", lp, lp, torch.ones(1), torch.ones(1, 2), states=kept, **kw)
     assert kept["regularizers/toy_counter"]["calls"] == 2
     TrainConfig.from_dict(dict(TINY, regularizers={"toy_counter": {"coef": 0.1}}))   # the dry run accepts it
+
+
+STATE_WORKER = '''
+import json, sys, torch
+from entropy_rl.trainer import Trainer
+from entropy_rl.distributed import world
+out, base, configs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+t = Trainer(dict(base, **configs["state"], output_dir=f"{out}/state"), reward_fn=lambda text, problem: float(len(text) % 2))
+m = t.train().metrics
+rank, w = world()
+torch.save({"states": t.stage_states, "world": w, "metrics": m}, f"{out}/states_{rank}.pt")
+'''
+STATEFUL = dict(advantage="riskpo", advantage_options={"reading": "track", "bundle_size": 1}, steps=2,
+                regularizers={"ares_kl": {"coef": 0.5, "interval": 1, "deadzone": 0.0}})
+
+
+def _close(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _close(a[k], b[k])
+    elif isinstance(a, list):
+        assert len(a) == len(b) and all(_close(x, y) is None for x, y in zip(a, b))
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-7)
+    else:
+        assert a == b
+
+
+def test_two_processes_keep_one_state_equal_to_one_process(tmp_path):
+    "Observers read every process's rows and the loss sees the gathered batch: both ranks hold the one-process state."
+    from test_distributed import BASE, run_two_processes
+    out = run_two_processes(tmp_path, STATE_WORKER, {"state": STATEFUL})
+    r0, r1 = (torch.load(out / f"states_{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["world"] == 2
+    _close(r0["states"], r1["states"])
+    one = Trainer(dict(BASE, **STATEFUL, output_dir=str(tmp_path / "one")), reward_fn=odd_length)
+    one.train()
+    _close(one.stage_states, r0["states"])
+    assert one.stage_states["regularizers/ares_kl"]["calls"] == 2 * 2          # steps x epochs_per_step loss calls
