@@ -32,7 +32,7 @@ from .losses import (INPUT_OPTIONS, REGULARIZERS, check_loss_options, list_losse
                                loss_options, policy_loss)
 from .advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
 from .registry import QUANTITIES, RUN_VALUES, check_state, stage_key
-from .rollout import SAMPLERS
+from .rollout import ROLLOUTS, SAMPLERS, cache_keyword, distinct_rows, output_cache
 # the run directory (chapter 11a); save_checkpoint, latest_checkpoint, load_checkpoint, load_weights, read_metrics and
 # RESUMABLE_CHANGES stay importable from here
 from .rundir import (RESUMABLE_CHANGES, CheckpointError, Interrupted, RunDirLocked, RunLock, StopSignals, _atomic_write,
@@ -53,6 +53,7 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "rollout_engine": ("transformers", "vllm"),
     "batch_scope": SCOPES,
+    "minibatch_split": ("groups", "rows"),
 }
 
 @dataclass
@@ -66,6 +67,8 @@ class TrainConfig:
     loss_options: dict = field(default_factory=dict)
     sampler: str = "default"     # any name in `entropy_rl.rollout.list_samplers()`; "default": temperature + top_p
     sampler_options: dict = field(default_factory=dict)
+    rollout_structure: str = "default"  # any name in `entropy_rl.rollout.list_rollouts()`: which sequences a step samples
+    rollout_structure_options: dict = field(default_factory=dict)
     reward_shaping: list = field(default_factory=list)            # shaper names, applied in order (e.g. ["overlong"])
     reward_shaping_options: dict = field(default_factory=dict)    # shaper name -> its options
     group_filter: str | None = None   # a name in `list_group_filters()`; None: keep every group (see dynamic_sampling)
@@ -95,6 +98,8 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto: bf16 on GPU, none on CPU
     device: str = "auto"
     fused: bool = True           # log-probs and entropy through the fused head
+    share_prompts: bool = True   # a group's samples share one prompt forward (rollout prefill and training forward)
+    minibatch_split: str = "groups"  # minibatches of whole groups (prompt sharing works inside them) or of shuffled rows
     rollout_engine: str = "transformers"  # "vllm": colocated vLLM (pip install entropy_rl[gpu]; untested here)
     rollout_options: dict = field(default_factory=dict)   # keyword arguments of the engine (e.g. gpu_memory_utilization)
     tis_cap: float | None = None # truncated importance sampling: per-token weight min(pi_old / mu, tis_cap); None: off
@@ -135,6 +140,10 @@ class TrainConfig:
         self.loss_options = _settable(check_loss_options(self.algo, {**self.loss_options, **self._regularizer_terms()}),
                                       self.loss_options)
         self.sampler_options = SAMPLERS.resolve(self.sampler, self.sampler_options)
+        self.rollout_structure_options = ROLLOUTS.resolve(self.rollout_structure, self.rollout_structure_options)
+        fits = ROLLOUTS.get(self.rollout_structure).meta.get("group_size")   # a structure may shape the group
+        if fits is not None:
+            fits(self.group_size, **self.rollout_structure_options)
         if not isinstance(self.reward_shaping, list) or not all(isinstance(n, str) for n in self.reward_shaping):
             raise ValueError(f"reward_shaping must be a list of shaper names, got {self.reward_shaping!r}")
         stray = sorted(set(self.reward_shaping_options) - set(self.reward_shaping))
@@ -226,7 +235,8 @@ class TrainConfig:
             raise ValueError(f"tis_cap must be None or a finite number > 0 (typically 2), got {self.tis_cap!r}")
         if self.tis_cap is not None and "token_weights" in self.loss_options:
             raise ValueError("tis_cap sets the loss's token_weights; do not pass token_weights in loss_options too")
-        for k in ("task_options", "loss_options", "rollout_options", "sampler_options", "reward_shaping_options",
+        for k in ("task_options", "loss_options", "rollout_options", "sampler_options", "rollout_structure_options",
+                  "reward_shaping_options",
                   "group_filter_options", "advantage_options", "regularizers"):
             if not isinstance(getattr(self, k), dict):
                 raise ValueError(f"{k} must be a dict, got {getattr(self, k)!r}")
@@ -309,25 +319,45 @@ def recipe_description(name: str) -> str:
     return (yaml.safe_load(files("entropy_rl").joinpath("recipes", f"{name}.yaml").read_text()) or {}).get("description", "")
 
 # %% ../nbs/11_trainer.ipynb #7333d29d
-def _response_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
-    "Last hidden states at the positions that predict the final `T` tokens: [B, T, D]."
+def _checkpointing(model) -> bool:
+    "Whether activation (gradient) checkpointing is on: it turns the KV cache off, so prompts cannot be shared."
+    flag = getattr(type(model), "is_activation_checkpointing", None)   # transformers >= 5 (the older name warns there)
+    return bool(model.is_activation_checkpointing if flag is not None else getattr(model, "is_gradient_checkpointing", False))
+
+def _response_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int,
+                     share_prompts: bool = True) -> torch.Tensor:
+    """Last hidden states at the positions that predict the final `T` tokens: [B, T, D]. With `share_prompts`, rows
+    with the same prompt (a group's samples) run it once and attend to its KV cache, repeated per row: the same values
+    with fewer FLOPs, and the gradient of the shared prompt positions is the sum over the rows that use them."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
     decoder = base.get_decoder()
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding → positions from 0
+    P = input_ids.shape[1] - T
+    if share_prompts and P > 0 and not _checkpointing(base):
+        first, inverse = distinct_rows(input_ids[:, :P], attention_mask[:, :P])
+        if len(first) < len(input_ids):
+            head = decoder(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
+                           position_ids=position_ids[first, :P], use_cache=True)
+            cache = output_cache(head)
+            cache.batch_select_indices(inverse)                     # distinct prompt k's keys/values to each of its rows
+            rest = decoder(input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=position_ids[:, P:],
+                           use_cache=True, **{cache_keyword(decoder.forward): cache}).last_hidden_state
+            return torch.cat([head.last_hidden_state[inverse, -1:], rest[:, :T - 1]], 1)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state
     return hidden[:, -T - 1:-1]
 
 def policy_logprobs_and_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                 response_mask: torch.Tensor, temperature: float = 1.0,
-                                fused: bool = True, quantities: dict | None = None) -> tuple:
+                                fused: bool = True, quantities: dict | None = None, share_prompts: bool = True) -> tuple:
     """Log-probs of the response tokens and the policy entropy at each response position.
 
     `input_ids` = prompt ⊕ response (the response is the last `T = response_mask.shape[1]` columns).
     Runs the decoder to its last hidden states, then the output head: the fused kernel when
     `fused`, else full logits through `entropy_rl.entropy`. Returns fp32 ([B, T], [B, T]), zero
     where `response_mask` is 0. With `quantities` ({name: options} of `entropy_rl.registry.QUANTITIES`) it also
-    returns {name: [B, T]} computed from the same hidden states (with gradient when the caller has it on)."""
+    returns {name: [B, T]} computed from the same hidden states (with gradient when the caller has it on).
+    `share_prompts`: rows with one prompt run it once (see `_response_hidden`)."""
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids and attention_mask must be [B, L] of one shape, got "
                          f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
@@ -336,7 +366,7 @@ def policy_logprobs_and_entropy(model, input_ids: torch.Tensor, attention_mask: 
         raise ValueError(f"response_mask {tuple(response_mask.shape)} does not fit input_ids {tuple(input_ids.shape)}")
     mask = response_mask.bool()
     labels = input_ids[:, -T:]
-    hidden = _response_hidden(model, input_ids, attention_mask, T)
+    hidden = _response_hidden(model, input_ids, attention_mask, T, share_prompts)
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError("output heads with a bias are not supported")
@@ -363,9 +393,9 @@ class PolicyScorer(torch.nn.Module):
     """The policy behind the one forward the loss uses: (input_ids, attention_mask, response_mask) → (log-probs, entropy).
     The trainer hands this module (not the bare causal LM) to accelerate, so DDP / FSDP see the forward whose
     backward they synchronise."""
-    def __init__(self, policy, temperature: float = 1.0, fused: bool = True):
+    def __init__(self, policy, temperature: float = 1.0, fused: bool = True, share_prompts: bool = True):
         super().__init__()
-        self.policy, self.temperature, self.fused = policy, temperature, fused
+        self.policy, self.temperature, self.fused, self.share_prompts = policy, temperature, fused, share_prompts
         # FSDP's transformer-layer auto-wrap reads the layer classes from the module it is given: pass the policy's
         # on, or FSDP wraps only this root and gathers the whole model at every forward
         self._no_split_modules = getattr(policy, "_no_split_modules", None)
@@ -373,7 +403,7 @@ class PolicyScorer(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
                 quantities: dict | None = None):
         return policy_logprobs_and_entropy(self.policy, input_ids, attention_mask, response_mask, self.temperature,
-                                           self.fused, quantities)
+                                           self.fused, quantities, self.share_prompts)
 
 # %% ../nbs/11_trainer.ipynb #466b488b
 def build_model(config: TrainConfig):
@@ -417,6 +447,8 @@ def _engine(model, tokenizer, config: TrainConfig | None = None):
     "The rollout engine `config.rollout_engine` names, built with `config.rollout_options`."
     from entropy_rl.rollout import TransformersEngine, VLLMEngine
     name, opts = ("transformers", {}) if config is None else (config.rollout_engine, dict(config.rollout_options))
+    if config is not None and name == "transformers":
+        opts.setdefault("share_prompts", config.share_prompts)
     try:
         return (VLLMEngine if name == "vllm" else TransformersEngine)(model, tokenizer, **opts)
     except TypeError as e:
@@ -602,18 +634,22 @@ class StepPipeline:
         problems = _sample_problems(self.task, c.prompts_per_step, "train", seed=c.seed * 1_000_003 + step + r * 1_000_000_007)
         seeds = [_round_seed(base, r) * 1_000_003 + i for i in range(c.prompts_per_step)]
         problems, seeds = problems[self.groups], seeds[self.groups]          # whole groups per process
-        rb = self.engine.generate(_prompts(self.tokenizer, problems, self.task), num_samples=c.group_size,
-                                  max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seeds,
-                                  sampler=c.sampler, sampler_options=c.sampler_options,
-                                  **self._state_kw("sampler", c.sampler, "sampler_state"))
+        grade = self.reward_fn or self.task.reward
+        tools = dict(tokenizer=self.tokenizer, model=self.unwrapped, step=step,
+                     grade=lambda texts, idx: torch.tensor([float(grade(t, problems[i])) for t, i in zip(texts, idx)]))
+        gen = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seeds,
+                   sampler=c.sampler, sampler_options=c.sampler_options,
+                   **self._state_kw("sampler", c.sampler, "sampler_state"))
+        rb, extras = ROLLOUTS.get(c.rollout_structure).fn(self.engine, _prompts(self.tokenizer, problems, self.task),
+                                                          c.group_size, gen, tools, **c.rollout_structure_options,
+                                                          **self._state_kw("rollout_structure", c.rollout_structure))
         gids = rb.group_ids.tolist() if torch.is_tensor(rb.group_ids) else list(rb.group_ids)
         if gids != [i // c.group_size for i in range(len(gids))]:
             raise RuntimeError("rollout groups must be contiguous (prompt i → rows i*G..i*G+G-1)")
-        grade = self.reward_fn or self.task.reward
         scores = torch.tensor([float(grade(t, problems[g])) for t, g in zip(rb.texts, gids)], dtype=torch.float32)
         view = {"lengths": rb.response_mask.sum(-1), "mask": rb.response_mask, "scores": scores, "texts": rb.texts,
                 "response_ids": rb.response_ids, "max_new_tokens": c.max_new_tokens}
-        rewards, shaping = scores.clone(), {}
+        rewards, shaping = scores.clone(), dict(extras.get("metrics", {}))
         for name, opts in c.reward_shaping_options.items():
             rewards, m = REWARD_SHAPERS.get(name).fn(rewards, view, **opts, **self._state_kw("reward_shaping", name))
             shaping.update(m)
@@ -677,8 +713,14 @@ class StepPipeline:
 
     # ---- score: the old policy, and what the stages declared ---------------------------------------------------
     def _minibatch_orders(self, B: int) -> list:
-        c = self.config
-        return [torch.randperm(B, generator=self.generators["shuffle"]) if c.minibatches > 1 else torch.arange(B)
+        """One row order per epoch; minibatches are its consecutive slices. `minibatch_split="groups"` shuffles whole
+        groups (each minibatch holds all G samples of its prompts, so their prompt forward is shared), "rows" rows."""
+        c, G = self.config, self.config.group_size
+        if c.minibatches == 1:
+            return [torch.arange(B) for _ in range(c.epochs_per_step)]
+        if c.minibatch_split == "rows":
+            return [torch.randperm(B, generator=self.generators["shuffle"]) for _ in range(c.epochs_per_step)]
+        return [(torch.randperm(B // G, generator=self.generators["shuffle"])[:, None] * G + torch.arange(G)).flatten()
                 for _ in range(c.epochs_per_step)]
 
     def _score(self, batch: StepBatch, first_minibatch: torch.Tensor) -> None:
@@ -739,7 +781,7 @@ class StepPipeline:
         with torch.no_grad(), self.accelerator.autocast(), self._full_params():
             for i in chunks:
                 i = i.to(dev)
-                args = (batch.ids[i], batch.attn[i], batch.mask[i], c.temperature, c.fused)
+                args = (batch.ids[i], batch.attn[i], batch.mask[i], c.temperature, c.fused, None, c.share_prompts)
                 if self.reference is None:                          # LoRA: the base model is the reference
                     with self.unwrapped.disable_adapter():
                         out[i] = policy_logprobs_and_entropy(self.unwrapped, *args)[0]
@@ -757,7 +799,7 @@ class StepPipeline:
             head = self.unwrapped.get_output_embeddings().weight
             for i in chunks:
                 i = i.to(dev)
-                hidden = _response_hidden(self.unwrapped, batch.ids[i], batch.attn[i], T)
+                hidden = _response_hidden(self.unwrapped, batch.ids[i], batch.attn[i], T, c.share_prompts)
                 flat = hidden.reshape(-1, hidden.shape[-1])
                 labels = batch.response_ids[i].masked_fill(~batch.mask[i], -100).reshape(-1)
                 for n in names:
@@ -890,7 +932,8 @@ def _stage_rows(config: TrainConfig) -> list:
     from entropy_rl.losses import LOSSES
     regs = {**config.regularizers, **({"kl": {}} if config.kl_coef else {}),
             **({"entropy": {}} if config.loss_options.get("entropy_coef") else {})}
-    return [("sampler", "sampler", SAMPLERS, {config.sampler}),
+    return [("rollout structure", "rollout_structure", ROLLOUTS, {config.rollout_structure}),
+            ("sampler", "sampler", SAMPLERS, {config.sampler}),
             ("reward shapers", "reward_shaping", REWARD_SHAPERS, set(config.reward_shaping)),
             ("group filter", "group_filter", GROUP_FILTERS, {config.group_filter} - {None}),
             ("advantages", "advantage", ADVANTAGES, {config.advantage}),
@@ -899,7 +942,7 @@ def _stage_rows(config: TrainConfig) -> list:
 
 def _stage_entries(config: TrainConfig) -> list:
     "(config key, registry entry, its options) of every selected stage entry, in the order a step runs them."
-    opts = {"sampler": lambda n: config.sampler_options, "reward_shaping": lambda n: config.reward_shaping_options.get(n, {}),
+    opts = {"rollout_structure": lambda n: config.rollout_structure_options, "sampler": lambda n: config.sampler_options, "reward_shaping": lambda n: config.reward_shaping_options.get(n, {}),
             "group_filter": lambda n: config.group_filter_options, "advantage": lambda n: config.advantage_options,
             "algo": lambda n: config.loss_options,
             "regularizers": lambda n: config.regularizers.get(n) or REGULARIZERS.resolve(n, {})}
@@ -1055,7 +1098,7 @@ class Trainer(StepPipeline):
         total = c.steps * c.epochs_per_step * c.minibatches
         # the scheduler stays outside accelerate.prepare: its wrapper steps W times per call in W processes
         self.scheduler = _scheduler(optimizer, c, total)
-        self.model, self.optimizer = self.accelerator.prepare(PolicyScorer(model, c.temperature, c.fused), optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(PolicyScorer(model, c.temperature, c.fused, c.share_prompts), optimizer)
         if self.reference is not None:
             self.reference.to(self.accelerator.device)
         if is_fsdp1(self.model):

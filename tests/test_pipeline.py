@@ -10,7 +10,7 @@ import torch
 
 from entropy_rl.advantages import list_advantages, list_group_filters, list_reward_shapers
 from entropy_rl.losses import list_regularizers
-from entropy_rl.rollout import list_samplers
+from entropy_rl.rollout import list_rollouts, list_samplers
 from entropy_rl.trainer import (TrainConfig, Trainer, list_recipes, load_recipe, read_metrics, reduce_update_metrics,
                                 train)
 
@@ -22,7 +22,7 @@ def _finite_core(m):
         assert k in m and math.isfinite(m[k]), (k, m.get(k))
 
 
-STAGE_CASES = ([("sampler", n) for n in list_samplers()] + [("reward_shaping", n) for n in list_reward_shapers()]
+STAGE_CASES = ([("rollout_structure", n) for n in list_rollouts()] + [("sampler", n) for n in list_samplers()] + [("reward_shaping", n) for n in list_reward_shapers()]
                + [("group_filter", n) for n in list_group_filters()] + [("advantage", n) for n in list_advantages()]
                + [("regularizer", n) for n in list_regularizers()])
 
@@ -37,6 +37,8 @@ def test_every_registered_stage_entry_trains_one_step(tmp_path, stage, name):
     kw = dict(TINY, minibatches=2, reward_fn=odd_length)
     if stage == "reward_shaping":
         kw["reward_shaping"] = [name]
+    elif stage == "rollout_structure":   # CURE: two originals per group (one alone has no signal at 4 tokens), char tokens
+        kw.update(rollout_structure=name, rollout_structure_options={"cure": {"n2": 1, "min_token_chars": 1}}.get(name, {}))
     elif stage == "regularizer":
         kw["regularizers"] = {name: {"coef": 0.1}}
         if name in NOT_PROVIDED:
@@ -237,3 +239,34 @@ def test_evaluate_refuses_zero_problems_before_sampling():
     from entropy_rl.trainer import evaluate
     with pytest.raises(ValueError, match="n_problems must be a positive integer"):
         evaluate(None, None, None, n_problems=0)
+
+
+def test_cure_rollouts_resume_exactly_and_keep_prefixes_out_of_the_loss(tmp_path):
+    "CURE's branching: resume = uninterrupted (every draw derives from per-prompt seeds); a branch trains only its continuation."
+    kw = dict(TINY, rollout_structure="cure", rollout_structure_options={"n2": 1, "min_token_chars": 1}, minibatches=2,
+              reward_fn=odd_length)
+    full = train(steps=3, output_dir=str(tmp_path / "full"), **kw).metrics
+    train(steps=1, output_dir=str(tmp_path / "split"), **kw)
+    resumed = train(steps=3, output_dir=str(tmp_path / "split"), **kw).metrics
+    assert strip_timing(full) == strip_timing(resumed)
+    assert all(m["cure/stage"] == 1.0 for m in full) and min(m["cure/fresh_frac"] for m in full) < 1   # it branched
+    t = Trainer(dict(TINY, rollout_structure="cure", rollout_structure_options={"n2": 1, "min_token_chars": 1},
+                     output_dir=str(tmp_path / "t")), reward_fn=odd_length)
+    batch, _ = t._rollout(0)
+    G, P, branched = 4, batch.ids.shape[1] - batch.mask.shape[1], 0
+    for g in range(len(batch) // G):
+        for b in range(2):                        # rows 2, 3 of a group branch from originals 0, 1
+            orig, row = g * G + b, g * G + 2 + b
+            p_orig = batch.ids[orig, :P][batch.attn[orig, :P].bool()].tolist()
+            p_row = batch.ids[row, :P][batch.attn[row, :P].bool()].tolist()
+            prefix = p_row[len(p_orig):]
+            assert p_row[:len(p_orig)] == p_orig and prefix == batch.ids[orig, P:P + len(prefix)].tolist()
+            branched += bool(prefix)
+            assert batch.mask[row].sum() >= 1   # the loss sees the continuation only: the prefix sits in the prompt
+    assert branched > 0
+
+
+def test_cure_stage_two_is_plain_sampling(tmp_path):
+    m = train(steps=2, output_dir=str(tmp_path / "r"), **TINY, rollout_structure="cure",
+              rollout_structure_options={"n2": 1, "stage1_steps": 1}, reward_fn=odd_length).metrics
+    assert [x["cure/stage"] for x in m] == [1.0, 2.0]
