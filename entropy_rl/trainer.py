@@ -31,7 +31,7 @@ from .distributed import (SCOPES, all_reduce, full_state, gather_rows, gathered_
 from .losses import (INPUT_OPTIONS, REGULARIZERS, check_loss_options, list_losses, loss_needs,
                                loss_options, policy_loss)
 from .advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
-from .registry import QUANTITIES, RUN_VALUES
+from .registry import QUANTITIES, RUN_VALUES, check_state, stage_key
 from .rollout import ROLLOUTS, SAMPLERS, cache_keyword, distinct_rows, output_cache
 # the run directory (chapter 11a); save_checkpoint, latest_checkpoint, load_checkpoint, load_weights, read_metrics and
 # RESUMABLE_CHANGES stay importable from here
@@ -283,7 +283,7 @@ def _coerce(cls, key: str, value: Any) -> Any:
 
 # what the trainer computes for a stage that declares it (besides the registered per-token QUANTITIES)
 PROVIDED_NEEDS = frozenset({"entropy", "old_entropy", "old_logp", "ref_logp", "segment_ids", "generator", "lengths", "mask",
-                            "scores", "response_ids", "max_new_tokens", "step", "texts"})
+                            "scores", "response_ids", "max_new_tokens", "step", "texts", "group_pass_rate"})
 
 def _settable(resolved: dict, given: dict) -> dict:
     "A loss's resolved options without the per-call tensors and the top-level terms (what a config records)."
@@ -523,6 +523,11 @@ class StepBatch:
     def response_ids(self) -> torch.Tensor: return self.ids[:, -self.mask.shape[1]:]
     @property
     def lengths(self) -> torch.Tensor: return self.mask.sum(-1)
+    @property
+    def group_pass_rate(self) -> torch.Tensor:
+        "[B, T]: the share of the row's group whose task score is >= 1, on every position of the row."
+        s = (self.scores >= 1).float().view(-1, self.group_size).mean(1).repeat_interleave(self.group_size)
+        return s[:, None].expand(self.mask.shape)
     def __len__(self) -> int: return self.mask.shape[0]
     def __getitem__(self, key: str):
         if key in self.quantities:
@@ -640,9 +645,11 @@ class StepPipeline:
         tools = dict(tokenizer=self.tokenizer, model=self.unwrapped, step=step,
                      grade=lambda texts, idx: torch.tensor([float(grade(t, problems[i])) for t, i in zip(texts, idx)]))
         gen = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seeds,
-                   sampler=c.sampler, sampler_options=c.sampler_options)
+                   sampler=c.sampler, sampler_options=c.sampler_options,
+                   **self._state_kw("sampler", c.sampler, "sampler_state"))
         rb, extras = ROLLOUTS.get(c.rollout_structure).fn(self.engine, _prompts(self.tokenizer, problems, self.task),
-                                                          c.group_size, gen, tools, **c.rollout_structure_options)
+                                                          c.group_size, gen, tools, **c.rollout_structure_options,
+                                                          **self._state_kw("rollout_structure", c.rollout_structure))
         gids = rb.group_ids.tolist() if torch.is_tensor(rb.group_ids) else list(rb.group_ids)
         if gids != [i // c.group_size for i in range(len(gids))]:
             raise RuntimeError("rollout groups must be contiguous (prompt i → rows i*G..i*G+G-1)")
@@ -651,9 +658,10 @@ class StepPipeline:
                 "response_ids": rb.response_ids, "max_new_tokens": c.max_new_tokens}
         rewards, shaping = scores.clone(), dict(extras.get("metrics", {}))
         for name, opts in c.reward_shaping_options.items():
-            rewards, m = REWARD_SHAPERS.get(name).fn(rewards, view, **opts)
+            rewards, m = REWARD_SHAPERS.get(name).fn(rewards, view, **opts, **self._state_kw("reward_shaping", name))
             shaping.update(m)
-        keep = (GROUP_FILTERS.get(c.group_filter).fn(rewards, c.group_size, view, **c.group_filter_options)
+        keep = (GROUP_FILTERS.get(c.group_filter).fn(rewards, c.group_size, view, **c.group_filter_options,
+                                                     **self._state_kw("group_filter", c.group_filter))
                 if c.group_filter else torch.ones(len(problems), dtype=torch.bool))
         return (rb, problems, scores, rewards, keep.bool().cpu()), shaping
 
@@ -736,7 +744,7 @@ class StepPipeline:
         for_values = set().union(*[RUN_VALUES.get(n).needs_for(o) for n, o in pending.items()])
         quantities = sorted(n for n in self.quantities if not QUANTITIES.get(n).meta.get("grad") or n in for_values)
         rows = torch.ones(B, dtype=torch.bool)
-        if not early and not quantities:
+        if not early and not quantities and not self._observers:
             rows[first_minibatch] = False
         rows = rows.nonzero().squeeze(-1)
         self._old_scored = len(rows) == B
@@ -749,21 +757,29 @@ class StepPipeline:
                 batch.quantities = self._quantities(batch, quantities, chunks)
             if "ref_logp" in needs["loss"]:
                 batch.ref_logp = self._reference_logp(batch, chunks or [torch.arange(B)])
-        if pending:
-            self._take_run_values(batch, pending)
+        if pending or self._observers:
+            view = self._gathered_view(batch)
+            if pending:
+                self._take_run_values(batch, pending, view)
+            self._observe(view)
         if "segment_ids" in set().union(*needs.values()):
             from entropy_rl.ratios import delimiter_ids_from_tokenizer, segment_ids_from_delimiters
             if getattr(self, "_delimiters", None) is None:
                 self._delimiters = delimiter_ids_from_tokenizer(self.tokenizer)
             batch.segment_ids = segment_ids_from_delimiters(batch.response_ids, self._delimiters, batch.mask)
 
-    def _take_run_values(self, batch: StepBatch, pending: dict) -> None:
-        "The run values not taken yet, from this step's whole batch (every process's rows)."
+    def _gathered_view(self, batch: StepBatch) -> dict:
+        """The step's rows of every process by name, after the score phase: what run values and stage observers read
+        (mask, lengths, scores, rewards, entropy, old_logp, the per-token quantities, group_size, step)."""
         width = int(all_reduce(torch.tensor(batch.mask.shape[1], device=self.accelerator.device), "max"))
         g = lambda x, pad=0: gather_rows(x, width, pad) if torch.is_tensor(x) and x.dim() in (1, 2) else x
-        view = {"mask": g(batch.mask, False), "lengths": g(batch.lengths), "scores": g(batch.scores),
-                "entropy": g(batch.entropy), "old_logp": g(batch.old_logp), "step": batch.step,
-                **{n: g(q) for n, q in batch.quantities.items()}}
+        return {"mask": g(batch.mask, False), "lengths": g(batch.lengths), "scores": g(batch.scores),
+                "rewards": g(batch.rewards), "entropy": g(batch.entropy), "old_logp": g(batch.old_logp),
+                "step": batch.step, "group_size": batch.group_size, **{n: g(q) for n, q in batch.quantities.items()}}
+
+    def _take_run_values(self, batch: StepBatch, pending: dict, view: dict | None = None) -> None:
+        "The run values not taken yet, from this step's whole batch (every process's rows: `_gathered_view`)."
+        view = self._gathered_view(batch) if view is None else view
         for n, o in pending.items():
             self.run_values[n] = float(RUN_VALUES.get(n).fn(view, **o))
 
@@ -801,10 +817,30 @@ class StepPipeline:
                     out[n][i] = torch.where(batch.mask[i], q.view(len(i), T).float(), torch.zeros((), device=dev))
         return out
 
+    # ---- stage state (chapter 04a): controllers that remember across steps ------------------------------------
+    def _initial_stage_states(self) -> dict:
+        "A fresh state for every selected entry that declares one, keyed \"<config key>/<name>\"."
+        return {stage_key(k, e.name): e.initial_state(o) for k, e, o in _stage_entries(self.config) if e.has_state}
+
+    def _state_kw(self, config_key: str, name: str, keyword: str = "state") -> dict:
+        "{keyword: the entry's state} when it keeps one, else {} (a stateless entry is called as before)."
+        key = stage_key(config_key, name)
+        return {keyword: self.stage_states[key]} if key in self.stage_states else {}
+
+    def _observe(self, view: dict) -> None:
+        "Each stateful entry's observer, once per step, on every process's rows (so the states agree everywhere)."
+        for k, e, o in self._observers:
+            e.observe(self.stage_states[stage_key(k, e.name)], view, o)
+
+    def _checked_stage_states(self) -> dict:
+        "The stage states, each checked loadable by `torch.load(weights_only=True)` (else ValueError naming it)."
+        return {k: check_state(s, k) for k, s in self.stage_states.items()}
+
     # ---- advantages ------------------------------------------------------------------------------------------
     def _advantages(self, batch: StepBatch) -> torch.Tensor:
         c = self.config
-        return ADVANTAGES.get(c.advantage).fn(batch.rewards, c.group_size, batch, **c.advantage_options)
+        return ADVANTAGES.get(c.advantage).fn(batch.rewards, c.group_size, batch, **c.advantage_options,
+                                              **self._state_kw("advantage", c.advantage))
 
     # ---- update ------------------------------------------------------------------------------------------------
     def _loss_inputs(self, batch: StepBatch, micro, H: torch.Tensor, current: dict) -> dict:
@@ -816,8 +852,10 @@ class StepPipeline:
         if "ref_logp" in need: out["ref_logp"] = batch.ref_logp[micro]
         if "segment_ids" in need: out["segment_ids"] = batch.segment_ids[micro]
         if "generator" in need: out["generator"] = self.generators["loss"]
-        if batch.quantities or current or self.run_values:
-            out["inputs"] = {**{n: q[micro] for n, q in batch.quantities.items()}, **current, **self.run_values}
+        inputs = {**{n: q[micro] for n, q in batch.quantities.items()}, **current, **self.run_values}
+        if "group_pass_rate" in need: inputs["group_pass_rate"] = batch.group_pass_rate[micro]
+        if inputs: out["inputs"] = inputs
+        if self.stage_states: out["states"] = self.stage_states
         if self.config.tis_cap is not None:
             out["token_weights"] = tis_weights(batch.old_logp[micro], batch.sample_logp[micro], batch.mask[micro],
                                                self.config.tis_cap)
@@ -910,6 +948,14 @@ def _stage_rows(config: TrainConfig) -> list:
             ("advantages", "advantage", ADVANTAGES, {config.advantage}),
             ("loss", "algo", LOSSES, {config.algo}),
             ("regularizers", "regularizers", REGULARIZERS, set(regs))]
+
+def _stage_entries(config: TrainConfig) -> list:
+    "(config key, registry entry, its options) of every selected stage entry, in the order a step runs them."
+    opts = {"rollout_structure": lambda n: config.rollout_structure_options, "sampler": lambda n: config.sampler_options, "reward_shaping": lambda n: config.reward_shaping_options.get(n, {}),
+            "group_filter": lambda n: config.group_filter_options, "advantage": lambda n: config.advantage_options,
+            "algo": lambda n: config.loss_options,
+            "regularizers": lambda n: config.regularizers.get(n) or REGULARIZERS.resolve(n, {})}
+    return [(key, reg.get(n), dict(opts[key](n))) for _, key, reg, on in _stage_rows(config) for n in sorted(on)]
 
 def plot_pipeline(config: TrainConfig | dict | None = None):
     "The step's stages left to right, each with its registered entries; the config's choices highlighted."
@@ -1049,6 +1095,8 @@ class Trainer(StepPipeline):
         self.needs = c.needs()
         self.quantities = c.quantity_options()      # {name: options}: the per-token quantities the stages declared
         self.run_values = {}                         # RUN_VALUES taken at the run's first step (checkpointed)
+        self.stage_states = self._initial_stage_states()   # {"<config key>/<name>": state} (chapter 04a; checkpointed)
+        self._observers = [(k, e, o) for k, e, o in _stage_entries(c) if "observe" in e.meta]
         # the frozen reference of the KL term: the initial weights (with LoRA, the base model with the adapter off)
         self.reference = None
         if "ref_logp" in self.needs["loss"] and not c.lora_rank:
@@ -1097,6 +1145,7 @@ class Trainer(StepPipeline):
         """The trainable weights and the optimizer state, keyed by parameter name (`full_state`; gathered to process 0
         under FSDP, a collective); process 0 writes the checkpoint, holding the run directory's lock; every process waits."""
         self._hold_lock()
+        stage_states = self._checked_stage_states()      # refused before anything is written
         model_state, optimizer_state = full_state(self.model, self.optimizer.optimizer, frozen=False)
         out = None
         if self.is_main:
@@ -1104,7 +1153,7 @@ class Trainer(StepPipeline):
             out = save_checkpoint(self.run_dir, step, self.unwrapped, self.optimizer, self.scheduler,
                                   self.generators, self.config, keep=self.config.keep_checkpoints,
                                   weights=weights, optimizer_state=optimizer_state,
-                                  extra={"run_values": dict(self.run_values)})
+                                  extra={"run_values": dict(self.run_values), "stage_states": stage_states})
         self.accelerator.wait_for_everyone()
         return out
 
@@ -1202,6 +1251,8 @@ class Trainer(StepPipeline):
                 self.step = load_checkpoint(ck, self.unwrapped, self.optimizer, self.scheduler, self.generators,
                                             self.config, restore=self._restore, loaded=(state, weights))
                 self.run_values = {k: float(v) for k, v in state.get("extra", {}).get("run_values", {}).items()}
+                saved = state.get("extra", {}).get("stage_states", {})
+                self.stage_states.update({k: saved[k] for k in self.stage_states if k in saved})
             self.accelerator.wait_for_everyone()
             if self.is_main:
                 for p in set_aside(self._damaged):

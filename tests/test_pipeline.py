@@ -29,8 +29,7 @@ STAGE_CASES = ([("rollout_structure", n) for n in list_rollouts()] + [("sampler"
 
 # entries whose defaults need a value the trainer does not compute yet: the option that makes them trainable, or None
 # when no option does (then the config is refused up front, naming what is missing)
-NOT_PROVIDED = {
-                "ares_kl": None}               # needs ARES's per-sequence adaptive beta (controller state, not wired)
+NOT_PROVIDED: dict = {}
 
 
 @pytest.mark.parametrize("stage,name", STAGE_CASES)
@@ -214,9 +213,9 @@ def test_a_run_value_is_taken_at_the_first_step_kept_and_resumed(tmp_path):
     captured = {}
     orig = t._take_run_values
 
-    def spy(batch, pending):
+    def spy(batch, pending, *view):
         captured["batch"] = batch
-        orig(batch, pending)
+        orig(batch, pending, *view)
     t._take_run_values = spy
     m = t.train().metrics[0]
     b = captured["batch"]                                   # independent: the initial weights on step 1's batch

@@ -6,6 +6,9 @@
 # not which mechanism is better (chapter 13 says why one seed cannot tell). Two runs at a time, one thread each.
 # Logs (metrics.jsonl, config.json) go to nbs/experiments/zoo/<name>/. Run from the repository root:
 #   bash nbs/experiments/run_zoo_cpu.sh            (about 15 minutes on 2 idle CPU cores)
+#   NAMES="ares_kl" bash nbs/experiments/run_zoo_cpu.sh   (only those entries: their timings lines are replaced and a
+#                                                          section for the rerun is appended to device.txt; the other
+#                                                          entries' logs, timings and device lines are kept)
 set -euo pipefail
 RL=${RL:-entropy-rl}
 WORK=${WORK:-/tmp/entropy_rl_zoo_runs}
@@ -20,8 +23,10 @@ declare -A RUNS=(
   [empg_token]="advantage=empg_token" [empg_segment]="advantage=empg_segment" [canon]="advantage=canon"
   [riskpo]="advantage=riskpo" [hapo_token_level]="advantage=hapo_token_level"
   [siren]="regularizers.siren.coef=0.005" [spine_band]="regularizers.spine_band.coef=0.01"
+  [ares_kl]="regularizers.ares_kl.coef=0.01"
 )
-NAMES=(${NAMES:-grpo cispo sapo hapo_clip entropy_balanced steer hapo lp_reg lp_reg_fullvocab empg_token empg_segment canon riskpo hapo_token_level siren spine_band})
+SUBSET=${NAMES:+1}
+NAMES=(${NAMES:-grpo cispo sapo hapo_clip entropy_balanced steer hapo lp_reg lp_reg_fullvocab empg_token empg_segment canon riskpo hapo_token_level siren spine_band ares_kl})
 export OMP_NUM_THREADS=1
 mkdir -p "$DEST" "$WORK"
 run() {  # $1 = entry name
@@ -32,11 +37,17 @@ run() {  # $1 = entry name
   rm -rf "$WORK/$1/checkpoints"
   echo "$1: $((SECONDS - t0)) s" >> "$DEST/timings.txt"
 }
-: > "$DEST/timings.txt"
+if [ -n "$SUBSET" ]; then   # a rerun of some entries: keep the others' lines
+  touch "$DEST/timings.txt"
+  for name in "${NAMES[@]}"; do grep -v "^$name: " "$DEST/timings.txt" > "$DEST/timings.tmp" || true; mv "$DEST/timings.tmp" "$DEST/timings.txt"; done
+  echo "--- rerun of: ${NAMES[*]}" >> "$DEST/device.txt"
+else
+  : > "$DEST/timings.txt"; : > "$DEST/device.txt"
+fi
 { echo "date: $(date -u +%FT%TZ)"; echo "device: CPU ($(nproc --all) cores: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), no GPU";
   python -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
   echo "code: entropy_rl at commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)";
-  echo "command: bash nbs/experiments/run_zoo_cpu.sh (STEPS=$STEPS)"; } > "$DEST/device.txt"
+  echo "command: ${SUBSET:+NAMES=\"${NAMES[*]}\" }bash nbs/experiments/run_zoo_cpu.sh (STEPS=$STEPS)"; } >> "$DEST/device.txt"
 for ((i = 0; i < ${#NAMES[@]}; i += 2)); do   # two runs at a time
   for name in "${NAMES[@]:i:2}"; do run "$name" & done
   wait
