@@ -298,3 +298,23 @@ def test_eb_tree_rollouts_resume_exactly(tmp_path):
     resumed = train(steps=2, output_dir=str(tmp_path / "split"), **kw).metrics
     assert strip_timing(full) == strip_timing(resumed)
     assert sum(m["eb/branches"] for m in full) > 0
+
+
+def test_aepo_controller_state_reads_the_last_step_and_resumes(tmp_path):
+    "H_prev starts at 0 (the first step heats), then is the last batch's sampled-token NLL; checkpointed with the run."
+    kw = dict(TINY, rollout_structure="aepo", rollout_structure_options={"prompt_frac": 1.0, "target_entropy": 2.0},
+              reward_fn=odd_length)
+    full = train(steps=3, output_dir=str(tmp_path / "full"), **kw).metrics
+    assert full[0]["aepo/h_prev"] == 0.0 and full[0]["aepo/temperature"] == 1.2
+    for prev, m in zip(full, full[1:]):
+        assert m["aepo/h_prev"] > 0
+        assert m["aepo/temperature"] == (1.2 if m["aepo/h_prev"] <= 2.0 else 0.8)
+    train(steps=1, output_dir=str(tmp_path / "split"), **kw)
+    resumed = train(steps=3, output_dir=str(tmp_path / "split"), **kw).metrics
+    assert strip_timing(full) == strip_timing(resumed)
+
+
+def test_aepo_paper_reading_reads_the_last_steps_entropy(tmp_path):
+    m = train(steps=2, output_dir=str(tmp_path / "p"), **TINY, reward_fn=odd_length, rollout_structure="aepo",
+              rollout_structure_options={"reading": "paper"}).metrics
+    assert m[1]["aepo/h_prev"] == pytest.approx(m[0]["entropy"], rel=1e-5)   # the old policy's token-mean entropy
