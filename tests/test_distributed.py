@@ -285,7 +285,7 @@ class _StandInVLLM:
             from entropy_rl.rollout import TransformersEngine
             eng, outs = TransformersEngine(self.model, self.tok), []
             for prompt, sp in zip(prompts, params):
-                assert sp.logprobs == 0
+                assert sp.logprobs == 20
                 text = self.tok.decode(prompt["prompt_token_ids"])
                 b = eng.generate([text], num_samples=sp.n, max_new_tokens=sp.max_tokens, temperature=sp.temperature,
                                  top_p=sp.top_p, seed=[sp.seed])
