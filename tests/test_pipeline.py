@@ -167,7 +167,7 @@ def test_equalities_hold_with_new_stages_on(tmp_path):
 @pytest.mark.parametrize("bad,words", [
     (dict(advantage="gae"), ["advantage estimator", "gae", "rloo"]),
     (dict(advantage_options={"normalise_std": False}), ["normalise_std", "valid options"]),
-    (dict(sampler="typical"), ["sampler", "typical", "default"]),
+    (dict(sampler="beam"), ["sampler", "beam", "default"]),
     (dict(reward_shaping=["overlong", "bogus"]), ["reward shaper", "bogus"]),
     (dict(reward_shaping_options={"overlong": {"factor": 1.0}}), ["reward_shaping_options", "does not switch on"]),
     (dict(reward_shaping=["overlong"], reward_shaping_options={"overlong": {"cache_length": "x"}}), ["cache_length"]),

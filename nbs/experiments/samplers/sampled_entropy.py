@@ -17,14 +17,14 @@ from entropy_rl.models import load_model
 from entropy_rl.rollout import TransformersEngine, SAMPLERS
 from entropy_rl.tasks import ArithmeticTask, build_prompt
 
-PROMPTS, SAMPLES, TOKENS, T = 4, 4, 24, 1.0
+PROMPTS, SAMPLES, TOKENS, T = 3, 4, 16, 1.0
 GRID = {
-    "typical": ("typical_p", [0.2, 0.5, 0.8, 0.9, 0.95, 1.0]),
-    "min_p": ("p_base", [0.0, 0.02, 0.05, 0.1, 0.2, 0.4]),
-    "top_h": ("top_h", [0.2, 0.4, 0.6, 0.8, 0.9, 1.0]),
-    "mirostat_v1": ("tau", [1.0, 2.0, 3.0, 4.0, 6.0]),
-    "mirostat_v2": ("tau", [1.0, 2.0, 3.0, 4.0, 6.0]),
-    "hapo_temperature": ("tau", [0.0, 0.05, 0.2, 0.5]),
+    "typical": ("typical_p", [0.2, 0.5, 0.9, 1.0]),
+    "min_p": ("p_base", [0.0, 0.05, 0.2, 0.4]),
+    "top_h": ("top_h", [0.2, 0.5, 0.8, 1.0]),
+    "mirostat_v1": ("tau", [1.0, 3.0, 6.0]),
+    "mirostat_v2": ("tau", [1.0, 3.0, 6.0]),
+    "hapo_temperature": ("tau", [0.0, 0.2, 0.5]),
 }
 FIXED = {"mirostat_v1": {"reading": "llamacpp", "eta": 0.1}, "mirostat_v2": {"eta": 0.1}}
 
