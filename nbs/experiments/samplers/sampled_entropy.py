@@ -37,7 +37,8 @@ def summary(b) -> dict:
             "T_t_mean": float(b.sampling_temperature[m].mean()), "tokens": int(m.sum())}
 
 
-def main():
+def main(only: str | None = None):
+    "All samplers; with `only`, rerun that one and update its rows in the existing JSON (the rerun is logged in meta)."
     t0 = time.time()
     model, tok = load_model()
     task = ArithmeticTask()
@@ -52,6 +53,8 @@ def main():
     SAMPLERS.get("hapo_temperature").meta["observe"](hstate, {"entropy": base.policy_entropy, "mask": base.response_mask},
                                                      entropy_pivot=0.8)
     for name, (opt, values) in GRID.items():
+        if only is not None and name != only:
+            continue
         readings = ("code", "paper") if name == "hapo_temperature" else (None,)
         for reading in readings:
             key = name if reading is None else f"{name}/{reading}"
@@ -68,9 +71,14 @@ def main():
                              f"{torch.get_num_threads()} threads", "commit": commit, "prompts": PROMPTS, "samples": SAMPLES,
                    "max_new_tokens": TOKENS, "temperature": T, "seeds": seeds, "seconds": round(time.time() - t0, 1)}
     path = Path(__file__).with_name("sampled_entropy.json")
+    if only is not None:
+        full = json.loads(path.read_text())
+        full["samplers"].update(out["samplers"])
+        full["meta"].setdefault("reruns", []).append({**out["meta"], "command": out["meta"]["command"] + f" --only {only}"})
+        out = full
     path.write_text(json.dumps(out, indent=1))
     print("wrote", path, f"in {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[2] if len(sys.argv) == 3 and sys.argv[1] == "--only" else None)
