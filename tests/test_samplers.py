@@ -261,3 +261,15 @@ def test_one_training_step_with_each_sampler(tmp_path, name, opts):
                 sampler_options=opts, reward_fn=lambda text, problem: float(sum(map(ord, text)) % 2))   # varies within groups
     m = res.metrics[0]
     assert m["loss"] == m["loss"] and m["grad_norm"] > 0 and m["entropy"] == m["entropy"]
+
+
+@pytest.mark.parametrize("name, opts", [("typical", {"typical_p": 1.0}), ("min_p", {"p_base": 0.0})])
+def test_off_settings_sample_exactly_the_default(tiny, name, opts):
+    "typical_p = 1 and p_base = 0 remove nothing: the same seeds give the default sampler's batch, bit for bit."
+    model, tok = tiny
+    kw = dict(num_samples=3, max_new_tokens=8, seed=[1, 2], temperature=T)
+    prompts = [PROMPT, "<|im_start|>user\n3+4=<|im_end|>\n<|im_start|>assistant\n"]
+    a = TransformersEngine(model, tok).generate(prompts, **kw)
+    b = TransformersEngine(model, tok).generate(prompts, sampler=name, sampler_options=opts, **kw)
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert torch.equal(a.sampling_logprobs, b.sampling_logprobs) and torch.equal(b.sampling_logprobs, b.policy_logprobs)
