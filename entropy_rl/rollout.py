@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'ROLLOUTS', 'RolloutBatch', 'response_logprobs', 'RolloutEngine', 'top_p_mask', 'list_samplers',
-           'sampling_transform', 'response_mask_from_ids', 'list_rollouts', 'cache_keyword', 'output_cache',
-           'distinct_rows', 'shared_prefill', 'TransformersEngine', 'VLLMEngine']
+           'StepSampler', 'sampling_transform', 'response_mask_from_ids', 'list_rollouts', 'cache_keyword',
+           'output_cache', 'distinct_rows', 'shareable_cache', 'shared_prefill', 'TransformersEngine', 'VLLMEngine',
+           'topk_tail_entropy']
 
 # %% ../nbs/10_rollout.ipynb #c84c6e50
 import abc
@@ -15,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .entropy import logprobs_from_logits, nucleus_mask
+from .entropy import entropy_from_logits, logprobs_from_logits, nucleus_mask
 from .registry import Registry
 
 # %% ../nbs/10_rollout.ipynb #c47482f9
@@ -26,13 +27,19 @@ class RolloutBatch:
     prompt_mask: torch.Tensor         # [B, P] bool
     response_ids: torch.Tensor        # [B, T] long, right padded with the pad id
     response_mask: torch.Tensor       # [B, T] bool, True up to and including the first EOS
-    sampling_logprobs: torch.Tensor   # [B, T] float32, log mu(token) under the sampling distribution; 0 where masked
+    sampling_logprobs: torch.Tensor   # [B, T] float32, log q(token) under the sampling distribution q; 0 where masked
     texts: list                       # B decoded responses (special tokens skipped)
     group_ids: torch.Tensor           # [B] long, index of the prompt each row answers
     truncated: torch.Tensor           # [B] bool, no EOS within max_new_tokens
     prompts: list = field(default_factory=list)   # the distinct prompt texts, in group order
     temperature: float = 1.0
     top_p: float = 1.0
+    # recorded per token during generation ([B, T], 0 where masked; None from code that does not record them)
+    policy_entropy: torch.Tensor | None = None        # float32: H(pi^T), pi^T = softmax(z / T), full vocabulary, before the sampler
+    sampling_entropy: torch.Tensor | None = None      # float32: H(q), q = the distribution the token was drawn from
+    policy_logprobs: torch.Tensor | None = None       # float32: log pi^T(token)
+    sampling_temperature: torch.Tensor | None = None  # float32: T_t used at the token (the run's T unless the sampler sets it)
+    top1_ids: torch.Tensor | None = None              # long: argmax of the step's logits (not the sample)
     advantage_override: torch.Tensor | None = None   # [B] set by a rollout structure (AEPO's +1 rows); NaN: the estimator decides
 
     def __len__(self) -> int: return self.response_ids.shape[0]
@@ -74,9 +81,11 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def generate(self, prompts: Sequence[str], *, num_samples: int = 1, max_new_tokens: int = 32,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
-                 sampler: str = "default", sampler_options: dict | None = None) -> RolloutBatch:
+                 sampler: str = "default", sampler_options: dict | None = None,
+                 sampler_state: dict | None = None) -> RolloutBatch:
         """Sample `num_samples` responses per prompt; rows grouped by prompt. `seed`: one int, or one per prompt.
-        `sampler`: a name in `list_samplers()` with its `sampler_options` (an engine refuses those it cannot run)."""
+        `sampler`: a name in `list_samplers()` with its `sampler_options` (an engine refuses those it cannot run);
+        `sampler_state`: the sampler's state across steps, for samplers registered with `meta={"state": ...}`."""
     def sync_weights(self, model) -> None:
         "Receive updated policy weights before a rollout (no-op when the engine shares the trainer's model)."
     def release(self) -> None:
@@ -93,6 +102,21 @@ def list_samplers() -> list[str]:
     "Names of the registered samplers."
     return SAMPLERS.names()
 
+class StepSampler:
+    """What `sampling_transform` returns: `self(scores [R, V]) -> logits [R, V]` (−inf = excluded); the engine samples
+    from softmax of them. `temperature` is the run's T (the engine records pi^T beside q). Samplers with running
+    per-row state or a per-token temperature override the optional hooks:
+    `begin(n_rows)` — once at the start of each generation (a chunk of rows; per-row state is reset here);
+    `row_temperature` — [R] tensor set by `__call__` when the sampler used T_t != T at this step (None: T);
+    `observe(tokens [R])` — after each step with the tokens just drawn (before the next `__call__`)."""
+    row_temperature = None
+    def __init__(self, temperature: float, fn=None):
+        self.temperature, self.fn = float(temperature), fn
+    def begin(self, n_rows: int) -> None: pass
+    def observe(self, tokens: torch.Tensor) -> None: pass
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        return self.fn(scores)
+
 def _default_sampler(temperature: float, top_p: float):
     "Temperature, then nucleus (top-p, inclusive rule)."
     def transform(scores: torch.Tensor) -> torch.Tensor:
@@ -102,25 +126,50 @@ def _default_sampler(temperature: float, top_p: float):
 
 SAMPLERS.register("default", _default_sampler, {}, "temperature + top-p (the run's temperature and top_p)")
 
-def sampling_transform(sampler: str = "default", temperature: float = 1.0, top_p: float = 1.0, options: dict | None = None):
-    """The logits transform of a registered sampler: `transform(scores [R, V]) -> logits [R, V]` (-inf = excluded).
-    The sampling distribution is softmax(transform(scores)); its log-probs are what the engine records."""
-    return SAMPLERS.get(sampler).fn(temperature, top_p, **SAMPLERS.resolve(sampler, options))
+def sampling_transform(sampler: str = "default", temperature: float = 1.0, top_p: float = 1.0, options: dict | None = None,
+                       state: dict | None = None) -> StepSampler:
+    """The `StepSampler` of a registered sampler: `transform(scores [R, V]) -> logits [R, V]` (-inf = excluded).
+    The sampling distribution q is softmax(transform(scores)); its log-probs are what the engine records. A factory
+    may return a plain function (wrapped here) or a `StepSampler`. `state`: the sampler's state across steps, only for
+    entries registered with `meta={"state": init_fn, ...}` (None: a fresh `init_fn(**options)`, i.e. step 1)."""
+    e = SAMPLERS.get(sampler)
+    opts = SAMPLERS.resolve(sampler, options)
+    if "state" in e.meta:
+        t = e.fn(temperature, top_p, state=e.meta["state"](**opts) if state is None else state, **opts)
+    elif state is not None:
+        raise ValueError(f"sampler {sampler!r} keeps no state across steps; sampler_state must be None")
+    else:
+        t = e.fn(temperature, top_p, **opts)
+    return t if isinstance(t, StepSampler) else StepSampler(temperature, t)
+
+_RECORDS = ("sampling_logprobs", "policy_logprobs", "policy_entropy", "sampling_entropy", "sampling_temperature", "top1_ids")
 
 class _SamplingWarper:
-    """Logits processor: the sampler's transform, and records log mu(chosen token) step by step. With `row_seeds`
-    [(seed, n_rows), ...] (one pair per prompt) it also draws the token itself — inverse CDF, one uniform per row
-    from its prompt's generator — and hands `generate` a one-hot choice, so a row's sample does not depend on the
-    other rows."""
-    def __init__(self, transform, row_seeds: list | None = None):
-        self.transform, self.prev, self.steps = transform, None, []
+    """Logits processor: the sampler's transform, and records per step log q(chosen token) and log pi^T(chosen token),
+    H(pi^T), H(q), T_t and the top-1 id. With `row_seeds` [(seed, n_rows), ...] (one pair per prompt) it also draws the
+    token itself — inverse CDF, one uniform per row from its prompt's generator — and hands `generate` a one-hot
+    choice, so a row's sample does not depend on the other rows."""
+    def __init__(self, transform: StepSampler, row_seeds: list | None = None):
+        self.transform, self.prev, self.prev_policy = transform, None, None
+        self.rec = {k: [] for k in _RECORDS}
         self.row_seeds, self.generators = row_seeds, None
     def _take(self, tokens: torch.Tensor):
-        self.steps.append(self.prev.gather(-1, tokens[:, None].to(self.prev.device)).squeeze(-1))
+        tokens = tokens[:, None].to(self.prev.device)
+        self.rec["sampling_logprobs"].append(self.prev.gather(-1, tokens).squeeze(-1))
+        self.rec["policy_logprobs"].append(self.prev_policy.gather(-1, tokens).squeeze(-1))
+        self.transform.observe(tokens[:, 0])
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.prev is not None: self._take(input_ids[:, -1])
+        else: self.transform.begin(scores.shape[0])
         z = self.transform(scores)
-        self.prev = torch.log_softmax(z, -1)
+        T = self.transform.temperature
+        self.prev = torch.log_softmax(z.float(), -1)
+        self.prev_policy = torch.log_softmax(scores.float() / T, -1)
+        t_t = self.transform.row_temperature
+        self.rec["policy_entropy"].append(entropy_from_logits(scores.float(), T))
+        self.rec["sampling_entropy"].append(entropy_from_logits(z.float()))
+        self.rec["sampling_temperature"].append(torch.full_like(self.prev[:, 0], T) if t_t is None else t_t.float())
+        self.rec["top1_ids"].append(scores.argmax(-1))
         if self.row_seeds is None:
             return z.to(scores.dtype)
         if self.generators is None:
@@ -129,9 +178,13 @@ class _SamplingWarper:
         u = torch.cat([torch.rand(n, 1, generator=g, device=z.device, dtype=torch.float64) for g, n in self.generators])
         choice = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=z.shape[-1] - 1)   # cdf[i-1] <= u < cdf[i]
         return torch.full_like(scores, float("-inf")).scatter_(-1, choice, 0.0)   # choice: [B, 1]
-    def finish(self, last_tokens: torch.Tensor) -> torch.Tensor:
+    def finish(self, last_tokens: torch.Tensor) -> dict:
+        "The records, each [R, steps] (float32; top1_ids long)."
         if self.prev is not None: self._take(last_tokens)
-        return torch.stack(self.steps, 1) if self.steps else torch.zeros(last_tokens.shape[0], 0)
+        R = last_tokens.shape[0]
+        return {k: torch.stack(v, 1) if v else torch.zeros(R, 0, dtype=torch.long if k == "top1_ids" else torch.float32,
+                                                           device=last_tokens.device) for k, v in self.rec.items()}
+
 
 # %% ../nbs/10_rollout.ipynb #c245d932
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -190,20 +243,32 @@ def distinct_rows(*tensors: torch.Tensor) -> tuple:
     first = torch.full((int(inverse.max()) + 1,), len(inverse), dtype=torch.long, device=inverse.device)
     return first.scatter_reduce(0, inverse, rows, "amin"), inverse
 
+def shareable_cache(cache) -> bool:
+    "Whether a cache is plain per-layer keys/values that rows can be selected from (not a recurrent or linear-attention state)."
+    layers = getattr(cache, "layers", None)
+    if layers is None:                           # older transformers: a DynamicCache of key/value lists
+        return type(cache).__name__ == "DynamicCache"
+    return all(type(l).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for l in layers)
+
 @torch.no_grad()
 def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
     """The `generate` keyword holding the KV cache of every prompt but its last token, computed once per distinct
-    prompt and repeated for its copies ({} when no prompt repeats: nothing to share). `generate` then runs only the
-    last prompt token and the new ones; the cache is exactly what it would have computed for each copy."""
+    prompt and repeated for its copies ({} when no prompt repeats, when the model's generation config names its own
+    cache, or when its cache is not plain keys/values). `generate` then runs only the last prompt token and the new
+    ones; the cache is exactly what it would have computed for each copy."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model   # peft forwards the keyword as is
+    if getattr(getattr(base, "generation_config", None), "cache_implementation", None):
+        return {}
     first, inverse = distinct_rows(input_ids, attention_mask)
     if len(first) == len(input_ids) or input_ids.shape[1] < 2:
         return {}
     ids, mask = input_ids[first, :-1], attention_mask[first, :-1]
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)              # left padding: positions as `generate` sets them
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    out = base.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)   # no [n, P, V] logits
     cache = output_cache(out)
+    if not shareable_cache(cache):
+        return {}
     cache.batch_select_indices(inverse)                           # distinct prompt k's cache to each of its rows
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model   # peft forwards the keyword as is
     return {cache_keyword(base.forward): cache}
 
 # %% ../nbs/10_rollout.ipynb #b8cfa1c3
@@ -244,17 +309,19 @@ class TransformersEngine(RolloutEngine):
         finally: model.train(was_training)
         P = enc["input_ids"].shape[1]
         resp = out[:, P:]
-        lp = warper.finish(resp[:, -1]) if resp.shape[1] else torch.zeros(resp.shape[0], 0, device=device)
-        return enc["input_ids"], enc["attention_mask"].bool(), resp, lp.float()
+        rec = warper.finish(resp[:, -1] if resp.shape[1] else resp.new_zeros(resp.shape[0]))
+        return enc["input_ids"], enc["attention_mask"].bool(), resp, rec
 
     def generate(self, prompts: Sequence[str], *, num_samples: int = 1, max_new_tokens: int = 32,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
-                 sampler: str = "default", sampler_options: dict | None = None) -> RolloutBatch:
+                 sampler: str = "default", sampler_options: dict | None = None,
+                 sampler_state: dict | None = None) -> RolloutBatch:
         """Sample `num_samples` responses per prompt (rows grouped by prompt); log-probs under the sampling
-        distribution (`sampler`, a name in `list_samplers()`, default temperature + top-p). `seed`: one int for the call,
-        or one per prompt (each prompt's samples then depend only on it)."""
+        distribution (`sampler`, a name in `list_samplers()`, default temperature + top-p; `sampler_state` its state
+        across steps). `seed`: one int for the call, or one per prompt (each prompt's samples then depend only on it).
+        Records per token H(pi^T), H(q), log pi^T, log q, T_t and the top-1 id (see `RolloutBatch`)."""
         self._check(prompts, num_samples, max_new_tokens, temperature, top_p)
-        transform = sampling_transform(sampler, temperature, top_p, sampler_options)
+        transform = sampling_transform(sampler, temperature, top_p, sampler_options, sampler_state)
         seeds = _per_prompt_seeds(seed, len(prompts))
         rows = [p for p in prompts for _ in range(num_samples)]
         device = next(self.model.parameters()).device
@@ -278,15 +345,16 @@ class TransformersEngine(RolloutEngine):
         lpad = lambda x, v: torch.nn.functional.pad(x, (P - x.shape[1], 0), value=v)
         rpad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)
         prompt_ids = torch.cat([lpad(p[0], pad) for p in parts]); prompt_mask = torch.cat([lpad(p[1], False) for p in parts])
-        resp = torch.cat([rpad(p[2], pad) for p in parts]); lp = torch.cat([rpad(p[3], 0.0) for p in parts])
+        resp = torch.cat([rpad(p[2], pad) for p in parts])
+        rec = {k: torch.cat([rpad(p[3][k], 0) for p in parts]) for k in _RECORDS}
         mask = response_mask_from_ids(resp, self.eos_ids)
         if T: mask &= torch.cat([rpad(torch.ones_like(p[2], dtype=torch.bool), False) for p in parts])
         eos = torch.isin(resp, torch.as_tensor(self.eos_ids, device=resp.device)) & mask
-        lp = lp.masked_fill(~mask, 0.0)
+        rec = {k: v.masked_fill(~mask, 0) for k, v in rec.items()}
         texts = [self.tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(resp, mask)]
         group_ids = torch.arange(len(prompts), device=resp.device).repeat_interleave(num_samples)
-        return RolloutBatch(prompt_ids, prompt_mask, resp, mask, lp, texts, group_ids, truncated=~eos.any(-1),
-                            prompts=list(prompts), temperature=float(temperature), top_p=float(top_p))
+        return RolloutBatch(prompt_ids, prompt_mask, resp, mask, texts=texts, group_ids=group_ids, truncated=~eos.any(-1),
+                            prompts=list(prompts), temperature=float(temperature), top_p=float(top_p), **rec)
 
 # %% ../nbs/10_rollout.ipynb #fb733f21
 _VLLM_MISSING = ("rollout_engine='vllm' needs vLLM, which is not installed: `pip install entropy_rl[gpu]` on a CUDA "
@@ -312,13 +380,17 @@ def _policy_state(model) -> dict:
 class VLLMEngine(RolloutEngine):
     """Rollouts with vLLM in the trainer's process (colocated): `sync_weights` pushes the policy's current weights
     (a LoRA adapter merged for the copy, then unmerged), `release` puts vLLM to sleep so training gets the memory
-    back. Returns the same `RolloutBatch` fields as `TransformersEngine`, sampling log-probs included.
+    back. Returns the same `RolloutBatch` fields as `TransformersEngine`, sampling log-probs included; the per-token
+    entropies come from vLLM's top-`logprobs_k` processed log-probs with a tail bucket (`topk_tail_entropy`).
     NOT RUN on a GPU in this project's tests: written against vLLM's documented API; see the chapter text."""
     def __init__(self, model, tokenizer, *, gpu_memory_utilization: float = 0.3, sleep_level: int = 1,
-                 logprobs_mode: str = "processed_logprobs", **llm_kwargs):
+                 logprobs_mode: str = "processed_logprobs", logprobs_k: int = 20, **llm_kwargs):
         vllm = _require_vllm()
         import os, tempfile
         if tokenizer.pad_token_id is None: raise ValueError("the tokenizer needs a pad token (models.prepare_tokenizer sets one)")
+        if isinstance(logprobs_k, bool) or not isinstance(logprobs_k, int) or logprobs_k < 1:
+            raise ValueError(f"logprobs_k must be an int >= 1 (vLLM's max_logprobs bounds it, 20 by default), got {logprobs_k!r}")
+        self.logprobs_k = logprobs_k
         self.tokenizer, self.sleep_level, self.sleeping = tokenizer, sleep_level, False
         self.eos_ids = _eos_ids(model, tokenizer)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # the engine core in this process: its model is reachable
@@ -363,30 +435,34 @@ class VLLMEngine(RolloutEngine):
 
     def generate(self, prompts: Sequence[str], *, num_samples: int = 1, max_new_tokens: int = 32,
                  temperature: float = 1.0, top_p: float = 1.0, seed: int | Sequence[int] | None = None,
-                 sampler: str = "default", sampler_options: dict | None = None) -> RolloutBatch:
-        "Sample with vLLM; per-prompt seeds map to one `SamplingParams(seed=...)` per prompt."
+                 sampler: str = "default", sampler_options: dict | None = None,
+                 sampler_state: dict | None = None) -> RolloutBatch:
+        """Sample with vLLM; per-prompt seeds map to one `SamplingParams(seed=...)` per prompt. Per token: log q of the
+        sampled token, and from the top-`logprobs_k` processed log-probs the entropy of q (tail bucket), the top-1 id;
+        pi^T's fields equal q's (exact at top_p = 1, where q = pi^T; q's values, i.e. pi^T within the nucleus, otherwise)."""
         from vllm import SamplingParams
         TransformersEngine._check(self, prompts, num_samples, max_new_tokens, temperature, top_p)
-        if sampler != "default":
+        if sampler != "default" or sampler_state is not None:
             raise ValueError(f"sampler={sampler!r} runs in the transformers engine only (vLLM samples with temperature + "
-                             "top-p itself); use rollout_engine='transformers'")
+                             "top-p itself; this project adds no vLLM logits processors); use rollout_engine='transformers'")
         if self.sleeping:
             self.llm.wake_up(); self.sleeping = False
         seeds = _per_prompt_seeds(seed, len(prompts))
         if seeds is None:
             seeds = [None if seed is None else seed + i for i in range(len(prompts))]
         params = [SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, top_k=-1, max_tokens=max_new_tokens,
-                                 logprobs=0, seed=s, stop_token_ids=list(self.eos_ids), skip_special_tokens=True)
+                                 logprobs=self.logprobs_k, seed=s, stop_token_ids=list(self.eos_ids), skip_special_tokens=True)
                   for s in seeds]
         enc = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         outs = self.llm.generate([{"prompt_token_ids": ids} for ids in enc], params, use_tqdm=False)
-        rows, lps = [], []
+        rows, lps, recs = [], [], []
         for o in outs:
             for c in o.outputs:
                 ids = list(c.token_ids)
                 rows.append(ids)
                 lps.append([float(step[t].logprob) if step and t in step else 0.0 for t, step in zip(ids, c.logprobs or [])])
-        return _batch_from_lists(self.tokenizer, self.eos_ids, prompts, enc, rows, lps, num_samples, temperature, top_p)
+                recs.append(_topk_records(c.logprobs or [], temperature))
+        return _batch_from_lists(self.tokenizer, self.eos_ids, prompts, enc, rows, lps, num_samples, temperature, top_p, recs)
 
 class _merged:
     "Context: a peft model's adapter merged into its base weights inside, unmerged on exit; other models untouched."
@@ -397,8 +473,32 @@ class _merged:
     def __exit__(self, *exc):
         if self.on: self.model.unmerge_adapter()
 
-def _batch_from_lists(tokenizer, eos_ids, prompts, prompt_ids, rows, lps, num_samples, temperature, top_p) -> RolloutBatch:
-    "A RolloutBatch from per-row token id and log-prob lists (left-padded prompts, right-padded responses)."
+def topk_tail_entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """The entropy reading "topk_tail" for a distribution known only on K tokens: [..., K] log-probs -> [...]
+    H_K = -sum_K q log q - r log r, r = max(0, 1 - sum_K q): the K tokens plus one tail bucket holding the rest. A lower
+    bound of the full entropy (grouping tokens never raises it), exact when the support lies inside the K tokens."""
+    lp = logprobs.double()
+    q = lp.exp()
+    head = -torch.where(q > 0, q * lp, torch.zeros_like(q)).sum(-1)
+    r = (1 - q.sum(-1)).clamp(min=0)
+    return head - torch.where(r > 0, r * r.clamp(min=1e-300).log(), torch.zeros_like(r))
+
+def _topk_records(steps: list, temperature: float) -> dict:
+    "Per-token lists from vLLM's per-step {token: Logprob} dicts: H(q) by `topk_tail_entropy`, the top-1 id, T."
+    ent, top1 = [], []
+    for step in steps:
+        if not step:
+            ent.append(0.0); top1.append(0); continue
+        toks = list(step)
+        lp = torch.tensor([float(step[t].logprob) for t in toks], dtype=torch.float64)
+        ent.append(float(topk_tail_entropy(lp)))
+        top1.append(int(toks[int(lp.argmax())]))
+    return {"sampling_entropy": ent, "top1_ids": top1, "sampling_temperature": [float(temperature)] * len(steps)}
+
+def _batch_from_lists(tokenizer, eos_ids, prompts, prompt_ids, rows, lps, num_samples, temperature, top_p,
+                      recs: list | None = None) -> RolloutBatch:
+    """A RolloutBatch from per-row token id and log-prob lists (left-padded prompts, right-padded responses); `recs`: per
+    row, lists of the per-token records (`_topk_records`); the pi^T fields are taken equal to q's."""
     pad = tokenizer.pad_token_id
     P = max(len(p) for p in prompt_ids); T = max(1, max(len(r) for r in rows))
     pid = torch.full((len(rows), P), pad, dtype=torch.long); pm = torch.zeros(len(rows), P, dtype=torch.bool)
@@ -413,7 +513,15 @@ def _batch_from_lists(tokenizer, eos_ids, prompts, prompt_ids, rows, lps, num_sa
     mask = response_mask_from_ids(rid, eos_ids) & valid
     eos = torch.isin(rid, torch.as_tensor(list(eos_ids))) & mask
     lp = lp.masked_fill(~mask, 0.0)
+    rec = {}
+    if recs is not None:
+        for k, dtype in (("sampling_entropy", torch.float32), ("top1_ids", torch.long), ("sampling_temperature", torch.float32)):
+            x = torch.zeros(len(rows), T, dtype=dtype)
+            for i, r in enumerate(recs):
+                if r[k]: x[i, :len(r[k])] = torch.tensor(r[k], dtype=dtype)
+            rec[k] = x.masked_fill(~mask, 0)
+        rec["policy_entropy"], rec["policy_logprobs"] = rec["sampling_entropy"].clone(), lp.clone()
     texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(rid, mask)]
     group_ids = torch.arange(len(prompts)).repeat_interleave(num_samples)
     return RolloutBatch(pid, pm, rid, mask, lp, texts, group_ids, truncated=~eos.any(-1), prompts=list(prompts),
-                        temperature=float(temperature), top_p=float(top_p))
+                        temperature=float(temperature), top_p=float(top_p), **rec)

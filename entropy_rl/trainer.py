@@ -32,7 +32,7 @@ from .losses import (INPUT_OPTIONS, REGULARIZERS, check_loss_options, list_losse
                                loss_options, policy_loss)
 from .advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
 from .registry import QUANTITIES, RUN_VALUES, check_state, stage_key
-from .rollout import ROLLOUTS, SAMPLERS, cache_keyword, distinct_rows, output_cache
+from .rollout import ROLLOUTS, SAMPLERS, cache_keyword, shareable_cache, distinct_rows, output_cache
 # the run directory (chapter 11a); save_checkpoint, latest_checkpoint, load_checkpoint, load_weights, read_metrics and
 # RESUMABLE_CHANGES stay importable from here
 from .rundir import (RESUMABLE_CHANGES, CheckpointError, Interrupted, RunDirLocked, RunLock, StopSignals, _atomic_write,
@@ -144,6 +144,9 @@ class TrainConfig:
         fits = ROLLOUTS.get(self.rollout_structure).meta.get("group_size")   # a structure may shape the group
         if fits is not None:
             fits(self.group_size, **self.rollout_structure_options)
+        if self.tis_cap is not None and ROLLOUTS.get(self.rollout_structure).meta.get("refuses_tis"):
+            raise ValueError(f"rollout_structure={self.rollout_structure!r} samples some rows from another distribution on "
+                             "purpose; tis_cap would reweight them back and cancel it: unset tis_cap")
         if not isinstance(self.reward_shaping, list) or not all(isinstance(n, str) for n in self.reward_shaping):
             raise ValueError(f"reward_shaping must be a list of shaper names, got {self.reward_shaping!r}")
         stray = sorted(set(self.reward_shaping_options) - set(self.reward_shaping))
@@ -245,6 +248,11 @@ class TrainConfig:
         if isinstance(self.kl_coef, bool) or not isinstance(self.kl_coef, (int, float)) or not (self.kl_coef >= 0 and math.isfinite(self.kl_coef)):
             raise ValueError(f"kl_coef must be a finite number >= 0, got {self.kl_coef!r}")
         self._resolve_stages()
+        if self.batch_scope == "local":   # a loss-side controller updated from one process's rows would drift apart
+            stateful = [f"{k}.{e.name}" for k, e, _ in _stage_entries(self) if e.has_state and k in ("algo", "regularizers")]
+            if stateful:
+                raise ValueError(f"batch_scope='local' with stateful loss-side entries {stateful}: their state would be "
+                                 "updated from each process's rows and differ between processes; use batch_scope='global'")
         for k in ("model", "task", "output_dir"):
             if not isinstance(getattr(self, k), str) or not getattr(self, k):
                 raise ValueError(f"{k} must be a non-empty string, got {getattr(self, k)!r}")
@@ -320,25 +328,30 @@ def recipe_description(name: str) -> str:
 
 # %% ../nbs/11_trainer.ipynb #7333d29d
 def _checkpointing(model) -> bool:
-    "Whether activation (gradient) checkpointing is on: it turns the KV cache off, so prompts cannot be shared."
+    """Whether activation (gradient) checkpointing is on — transformers' own flag or torch's checkpoint wrapper (what
+    accelerate's FSDP activation checkpointing applies): the recomputation would extend the KV cache a second time."""
     flag = getattr(type(model), "is_activation_checkpointing", None)   # transformers >= 5 (the older name warns there)
-    return bool(model.is_activation_checkpointing if flag is not None else getattr(model, "is_gradient_checkpointing", False))
+    if model.is_activation_checkpointing if flag is not None else getattr(model, "is_gradient_checkpointing", False):
+        return True
+    return any(type(m).__name__ == "CheckpointWrapper" for m in model.modules())
 
 def _response_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int,
                      share_prompts: bool = True) -> torch.Tensor:
     """Last hidden states at the positions that predict the final `T` tokens: [B, T, D]. With `share_prompts`, rows
     with the same prompt (a group's samples) run it once and attend to its KV cache, repeated per row: the same values
-    with fewer FLOPs, and the gradient of the shared prompt positions is the sum over the rows that use them."""
+    with fewer FLOPs, and the gradient of the shared prompt positions is the sum over the rows that use them. The
+    shared path runs the decoder twice (prompts, then responses) whether or not prompts repeat, so every process of a
+    sharded model makes the same collectives; models whose cache is not plain keys/values take the one-call path."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
     decoder = base.get_decoder()
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding → positions from 0
     P = input_ids.shape[1] - T
     if share_prompts and P > 0 and not _checkpointing(base):
         first, inverse = distinct_rows(input_ids[:, :P], attention_mask[:, :P])
-        if len(first) < len(input_ids):
-            head = decoder(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
-                           position_ids=position_ids[first, :P], use_cache=True)
-            cache = output_cache(head)
+        head = decoder(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
+                       position_ids=position_ids[first, :P], use_cache=True)
+        cache = output_cache(head)
+        if shareable_cache(cache):
             cache.batch_select_indices(inverse)                     # distinct prompt k's keys/values to each of its rows
             rest = decoder(input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=position_ids[:, P:],
                            use_cache=True, **{cache_keyword(decoder.forward): cache}).last_hidden_state
@@ -642,7 +655,7 @@ class StepPipeline:
         seeds = [_round_seed(base, r) * 1_000_003 + i for i in range(c.prompts_per_step)]
         problems, seeds = problems[self.groups], seeds[self.groups]          # whole groups per process
         grade = self.reward_fn or self.task.reward
-        tools = dict(tokenizer=self.tokenizer, model=self.unwrapped, step=step,
+        tools = dict(tokenizer=self.tokenizer, model=self.unwrapped, step=step, share_prompts=c.share_prompts,
                      grade=lambda texts, idx: torch.tensor([float(grade(t, problems[i])) for t, i in zip(texts, idx)]))
         gen = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seeds,
                    sampler=c.sampler, sampler_options=c.sampler_options,

@@ -51,6 +51,9 @@ def test_every_registered_stage_entry_trains_one_step(tmp_path, stage, name):
             kw["regularizers"] = {name: {"coef": 0.1, **NOT_PROVIDED[name]}}
     else:
         kw[stage] = name
+        if stage == "sampler":   # truncation at its defaults leaves the tiny model's 4-token samples identical: no signal
+            kw["sampler_options"] = {"typical": {"typical_p": 0.99}, "top_h": {"top_h": 0.99},
+                                     "mirostat_v1": {"tau": 8.0}}.get(name, {})
     res = train(steps=1, output_dir=str(tmp_path / name), **kw)
     m = res.metrics[0]
     _finite_core(m)
@@ -168,9 +171,12 @@ def test_equalities_hold_with_new_stages_on(tmp_path):
 
 
 @pytest.mark.parametrize("bad,words", [
+    (dict(rollout_structure="aepo", tis_cap=2.0), ["aepo", "tis_cap"]),
+    (dict(regularizers={"ares_kl": {"coef": 0.01}}, batch_scope="local"), ["batch_scope='local'", "ares_kl"]),
+    (dict(rollout_structure="cure", group_size=6), ["multiple of 1 + n2"]),
     (dict(advantage="gae"), ["advantage estimator", "gae", "rloo"]),
     (dict(advantage_options={"normalise_std": False}), ["normalise_std", "valid options"]),
-    (dict(sampler="typical"), ["sampler", "typical", "default"]),
+    (dict(sampler="beam"), ["sampler", "beam", "default"]),
     (dict(reward_shaping=["overlong", "bogus"]), ["reward shaper", "bogus"]),
     (dict(reward_shaping_options={"overlong": {"factor": 1.0}}), ["reward_shaping_options", "does not switch on"]),
     (dict(reward_shaping=["overlong"], reward_shaping_options={"overlong": {"cache_length": "x"}}), ["cache_length"]),
