@@ -32,10 +32,13 @@ declare -A RUNS=(
   # step stays that of GRPO's 4 samples; AEPO's N_R = 1 is the released 2.3% share of 16 samples, at least one
   [cure]="rollout_structure=cure rollout_structure_options.n2=1" [aepo]="recipe=aepo"
   [eb_tree]="rollout_structure=eb_tree"
+  # decoding samplers (chapter 20) at their registered defaults; HAPO's full recipe brings its adaptive temperature
+  [typical]="sampler=typical" [min_p]="sampler=min_p" [top_h]="sampler=top_h" [mirostat_v1]="sampler=mirostat_v1"
+  [mirostat_v2]="sampler=mirostat_v2" [hapo_recipe]="recipe=hapo"
 )
 SUBSET=${NAMES:+1}
 DEFAULT_NAMES="grpo cispo sapo hapo_clip entropy_balanced steer hapo lp_reg lp_reg_fullvocab empg_token empg_segment canon riskpo hapo_token_level siren spine_band ares_kl"
-[ "$SET" = rollout ] && DEFAULT_NAMES="grpo cure aepo eb_tree"
+[ "$SET" = rollout ] && DEFAULT_NAMES="grpo cure aepo eb_tree typical min_p top_h mirostat_v1 mirostat_v2 hapo_recipe"
 NAMES=(${NAMES:-$DEFAULT_NAMES})
 export OMP_NUM_THREADS=1
 mkdir -p "$DEST" "$WORK"
