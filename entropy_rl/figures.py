@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 # %% auto #0
 __all__ = ['MIME', 'MAX_FRAMES', 'DPI', 'Slider', 'Choice', 'resolve', 'figure_spec', 'frame_png', 'frame_grid', 'static_twin',
-           'InteractiveFigure', 'interactive_figure', 'static_twins']
+           'InteractiveFigure', 'interactive_figure', 'static_twins', 'compare_runs_figure']
 
 # %% ../nbs/00a_figures.ipynb #19c84e97
 MIME = "application/vnd.entropy-rl.figure+json"  # the stored specification's output type
@@ -366,3 +366,25 @@ def static_twins(cell):
         if spec is not None:
             out["data"] = {"text/html": static_twin(spec), "text/plain": f"<interactive figure {spec['function']}>"}
             out["metadata"] = {}
+
+# %% ../nbs/00a_figures.ipynb #db8e3fa0
+def compare_runs_figure(runs: dict, baseline: str = "grpo",
+                        metrics: tuple = (("entropy", "mean token entropy (nats)"), ("reward_mean", "mean reward")),
+                        title: str | None = None):
+    "Per-step metrics of several runs ({name: [metrics records]}), one panel per metric, `baseline` drawn grey and thick."
+    import matplotlib.pyplot as plt
+    if baseline not in runs:
+        raise ValueError(f"no {baseline!r} run among {sorted(runs)}")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.4), squeeze=False)
+    for name, ms in runs.items():
+        style = dict(color="0.55", lw=2.5, zorder=1) if name == baseline else dict(marker=".", zorder=2)
+        for ax, (key, _) in zip(axes[0], metrics):
+            pts = [(m["step"], m[key]) for m in ms if key in m]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, **style)
+    for ax, (_, label) in zip(axes[0], metrics):
+        ax.set_xlabel("step"); ax.set_ylabel(label); ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
