@@ -1,9 +1,12 @@
 """What one RLVR step costs on this machine, with and without prompt sharing, measured side by side.
 
-`share_prompts=False minibatch_split=rows` runs exactly the code path from before prompt sharing (one prompt prefill
-per sample in the rollout, one full forward per row in the old-policy and training passes, minibatches of shuffled
-rows); `share_prompts=True minibatch_split=groups` (the defaults now) runs each distinct prompt once per forward and
-shares its KV cache across the group's samples, minibatches holding whole groups (chapters 10 and 11). Everything else is
+Three settings, all else equal:
+  before   `share_prompts=False minibatch_split=rows`: exactly the code path from before prompt sharing (one prompt
+           prefill per sample in the rollout, one full forward per row in the old-policy and training passes,
+           minibatches of shuffled rows);
+  shared   the defaults now (`share_prompts=True minibatch_split=groups`): each distinct prompt once per forward, its KV
+           cache shared across the group's samples, minibatches of whole groups (chapters 10 and 11);
+  rollout  shared + `old_logprobs=rollout`: no old-policy pass, the engine's records of pi_old are used (chapter 11). Everything else is
 the same config, seed and starting weights. The two settings alternate (`--repeats` times each), so drift in the
 machine's load hits both alike. The first step of each run is reported apart (allocator warm-up). Each phase is timed
 twice: wall clock, and this process's CPU time (one thread: the compute it did, which waiting for a core on a shared
@@ -63,13 +66,17 @@ def _timed(fn) -> float:
     t = time.perf_counter(); fn(); return time.perf_counter() - t
 
 
-def one_run(model, tokenizer, args, share: bool) -> dict:
+SETTINGS = {"before": dict(share_prompts=False, minibatch_split="rows"),
+            "shared": dict(share_prompts=True, minibatch_split="groups"),
+            "rollout": dict(share_prompts=True, minibatch_split="groups", old_logprobs="rollout")}
+
+
+def one_run(model, tokenizer, args, setting: str) -> dict:
     "Phase times of `args.steps` steps from the given starting weights, plus one timed checkpoint save."
     with tempfile.TemporaryDirectory() as out:
         cfg = TrainConfig(model="tiny" if args.tiny else "default", output_dir=out, steps=args.steps, seed=0,
                           prompts_per_step=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
-                          minibatches=args.minibatches, lr=2e-5, share_prompts=share,
-                          minibatch_split="groups" if share else "rows", progress=False, plot=False,
+                          minibatches=args.minibatches, lr=2e-5, **SETTINGS[setting], progress=False, plot=False,
                           save_every=0, save_minutes=0, resume=False)
         tr = Trainer(cfg, policy=copy.deepcopy(model), tokenizer=tokenizer)
         steps = []
@@ -117,31 +124,33 @@ def main():
           f"{args.minibatches} minibatches, {args.steps} steps x {args.repeats} repeats per setting, alternated")
     print(f"# device: CPU {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
           f"torch {torch.__version__}; measured float32 matmul rate {rate:.1f} GFLOP/s")
-    runs = {False: [], True: []}
+    runs = {k: [] for k in SETTINGS}
     for rep in range(args.repeats):
-        for share in (False, True):
-            r = one_run(model, tokenizer, args, share)
-            runs[share].append(r)
-            print(f"repeat {rep} share_prompts={share}: " + " ".join(f"{s['wall_s']:.2f}" for s in r["steps"])
-                  + f" s/step; save {r['save_s']:.2f} s", flush=True)
+        for setting in SETTINGS:
+            r = one_run(model, tokenizer, args, setting)
+            runs[setting].append(r)
+            print(f"repeat {rep} {setting}: " + " ".join(f"{s['wall_s']:.2f}" for s in r["steps"])
+                  + f" s/step wall, " + " ".join(f"{s['cpu_s']:.2f}" for s in r["steps"]) + f" CPU; save {r['save_s']:.2f} s",
+                  flush=True)
     for clock, label in (("", "wall clock"), ("_cpu", "process CPU time")):
         res = {k: summarize(v, clock) for k, v in runs.items()}
         print(f"\n## {label} (steps 2..{args.steps}, {args.repeats} repeats pooled)\n")
-        print("| phase | unshared s | shared s | shared / unshared | share of step (unshared → shared) |")
-        print("|---|---|---|---|---|")
+        print("| phase | before s | shared s | rollout s | shared / before | rollout / before | share of step (before → rollout) |")
+        print("|---|---|---|---|---|---|---|")
         for p in (*PHASES, "step"):
-            a, b = res[False][p], res[True][p]
-            print(f"| {p} | {a:.2f} | {b:.2f} | {b / a:.2f} | {a / res[False]['step']:.0%} → {b / res[True]['step']:.0%} |"
-                  if a > 0.005 else f"| {p} | {a:.3f} | {b:.3f} | – | – |")
-        print(f"\nstep s.d. over steps: unshared {res[False]['step_sd']:.2f} s, shared {res[True]['step_sd']:.2f} s; "
-              f"first step: {res[False]['first_step']:.2f} s vs {res[True]['first_step']:.2f} s")
+            a, b, c = res["before"][p], res["shared"][p], res["rollout"][p]
+            print(f"| {p} | {a:.2f} | {b:.2f} | {c:.2f} | {b / a:.2f} | {c / a:.2f} | "
+                  f"{a / res['before']['step']:.0%} → {c / res['rollout']['step']:.0%} |" if a > 0.005 else
+                  f"| {p} | {a:.3f} | {b:.3f} | {c:.3f} | – | – | – |")
+        print("\nstep s.d. over steps: " + ", ".join(f"{k} {v['step_sd']:.2f} s" for k, v in res.items())
+              + "; first step: " + ", ".join(f"{k} {v['first_step']:.2f} s" for k, v in res.items()))
     res = {k: summarize(v, "_cpu") for k, v in runs.items()}
     saves = {k: statistics.mean(r["save_s"] for r in v) for k, v in runs.items()}
-    print(f"\ncheckpoint save (once per run, wall): {saves[False]:.2f} s vs {saves[True]:.2f} s; with the default "
-          f"save_minutes=10 that is one save per ~{600 / max(res[True]['step'], 1e-9):.0f} steps at the shared step's CPU time")
-    print(f"mean entropy over the measured steps: {statistics.mean(s['entropy'] for r in runs[False] for s in r['steps'][1:]):.4f}"
-          f" vs {statistics.mean(s['entropy'] for r in runs[True] for s in r['steps'][1:]):.4f} (same samples; the updates "
-          "differ in minibatch composition)")
+    print("\ncheckpoint save (once per run, wall): " + ", ".join(f"{k} {v:.2f} s" for k, v in saves.items())
+          + f"; with the default save_minutes=10 that is one save per ~{600 / max(res['rollout']['step'], 1e-9):.0f} steps")
+    print("mean entropy over the measured steps: " + ", ".join(
+          f"{k} {statistics.mean(s['entropy'] for r in v for s in r['steps'][1:]):.4f}" for k, v in runs.items())
+          + " (the same first samples; the updates differ in minibatch composition)")
     # what the matmul rate allows: token-forwards per phase at 2 * params FLOPs each (x3 with the backward)
     from entropy_rl.tasks import ArithmeticTask
     task = ArithmeticTask()
@@ -159,8 +168,9 @@ def main():
           "as counted, the update's backward as 2 forwards, the score pass for the minibatches after the first):")
     for p, (a, b) in limits.items():
         fa, fb = a * flop / rate, b * flop / rate
-        print(f"  {p}: unshared {a:.0f} token-fwd → {fa:.2f} s floor (CPU time measured {res[False][p]:.2f}); "
-              f"shared {b:.0f} → {fb:.2f} s (measured {res[True][p]:.2f})")
+        print(f"  {p}: before {a:.0f} token-fwd → {fa:.2f} s floor (CPU time measured {res['before'][p]:.2f}); "
+              f"shared {b:.0f} → {fb:.2f} s (measured {res['shared'][p]:.2f}; with old_logprobs=rollout "
+              f"{res['rollout'][p]:.2f})")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ _CHOICES = {
     "rollout_engine": ("transformers", "vllm"),
     "batch_scope": SCOPES,
     "minibatch_split": ("groups", "rows"),
+    "old_logprobs": ("recompute", "rollout"),
 }
 
 @dataclass
@@ -99,7 +100,8 @@ class TrainConfig:
     device: str = "auto"
     fused: bool = True           # log-probs and entropy through the fused head
     share_prompts: bool = True   # a group's samples share one prompt forward (rollout prefill and training forward)
-    minibatch_split: str = "groups"  # minibatches of whole groups (prompt sharing works inside them) or of shuffled rows
+    minibatch_split: str = "groups"
+    old_logprobs: str = "recompute"  # "rollout": pi_old's log-probs and entropy as the engine recorded them while sampling  # minibatches of whole groups (prompt sharing works inside them) or of shuffled rows
     rollout_engine: str = "transformers"  # "vllm": colocated vLLM (pip install entropy_rl[gpu]; untested here)
     rollout_options: dict = field(default_factory=dict)   # keyword arguments of the engine (e.g. gpu_memory_utilization)
     tis_cap: float | None = None # truncated importance sampling: per-token weight min(pi_old / mu, tis_cap); None: off
@@ -144,6 +146,11 @@ class TrainConfig:
         fits = ROLLOUTS.get(self.rollout_structure).meta.get("group_size")   # a structure may shape the group
         if fits is not None:
             fits(self.group_size, **self.rollout_structure_options)
+        if self.old_logprobs == "rollout" and (self.rollout_engine != "transformers"
+                                               or ROLLOUTS.get(self.rollout_structure).meta.get("refuses_tis")):
+            raise ValueError("old_logprobs='rollout' takes pi_old from the transformers engine's own records at the run's "
+                             "temperature: not with rollout_engine='vllm' (its numbers differ from the trainer's) nor with a "
+                             f"rollout structure that samples rows at another temperature ({self.rollout_structure!r})")
         if self.tis_cap is not None and ROLLOUTS.get(self.rollout_structure).meta.get("refuses_tis"):
             raise ValueError(f"rollout_structure={self.rollout_structure!r} samples some rows from another distribution on "
                              "purpose; tis_cap would reweight them back and cancel it: unset tis_cap")
@@ -531,6 +538,8 @@ class StepBatch:
     segment_ids: torch.Tensor | None = None    # [B, T] (when declared)
     quantities: dict = field(default_factory=dict)   # declared QUANTITIES by name, [B, T] each
     advantage_override: torch.Tensor | None = None   # [B] from the rollout structure: a finite value replaces the row's advantage
+    rollout_logp: torch.Tensor | None = None   # [B, T] log pi^T(token) as the engine recorded it (old_logprobs="rollout")
+    rollout_entropy: torch.Tensor | None = None   # [B, T] H(pi^T) as the engine recorded it
 
     @property
     def response_ids(self) -> torch.Tensor: return self.ids[:, -self.mask.shape[1]:]
@@ -587,7 +596,7 @@ def _take_groups(parts: list, group_size: int, pad_id: int) -> dict:
     `parts`: (RolloutBatch, problems, scores, rewards, keep [groups] bool)."""
     P = max(p[0].prompt_ids.shape[1] for p in parts); T = max(p[0].response_ids.shape[1] for p in parts)
     out = {k: [] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "sample_logp", "scores", "rewards",
-                           "advantage_override")}
+                           "advantage_override", "rollout_logp", "rollout_entropy")}
     out["texts"], out["problems"] = [], []
     for rb, problems, scores, rewards, keep in parts:
         rows = keep.repeat_interleave(group_size).nonzero().squeeze(-1)
@@ -599,9 +608,14 @@ def _take_groups(parts: list, group_size: int, pad_id: int) -> dict:
         out["scores"].append(scores[rows]); out["rewards"].append(rewards[rows])
         o = rb.advantage_override
         out["advantage_override"].append(o[rows].float() if o is not None else torch.full((len(rows),), float("nan")))
+        for key, field_ in (("rollout_logp", "policy_logprobs"), ("rollout_entropy", "policy_entropy")):
+            x = getattr(rb, field_, None)
+            out[key].append(_pad_rows(x.float()[rows], T, 0.0) if x is not None else None)
         out["texts"] += [rb.texts[i] for i in rows.tolist()]
         out["problems"] += [problems[g] for g in keep.nonzero().squeeze(-1).tolist()]
-    return {k: (torch.cat(v) if k not in ("texts", "problems") else v) for k, v in out.items()}
+    for key in ("rollout_logp", "rollout_entropy"):   # engine records: kept only when every part has them
+        out[key] = None if any(x is None for x in out[key]) else out[key]
+    return {k: (v if k in ("texts", "problems") or v is None else torch.cat(v)) for k, v in out.items()}
 
 def _round_seed(base: int, r: int) -> int:
     "The rollout seed of resampling round r (round 0 is the step's seed): no extra draw from the saved generator."
@@ -716,7 +730,8 @@ class StepPipeline:
                           scores=t["scores"].to(dev), rewards=t["rewards"].to(dev), group_size=c.group_size,
                           max_new_tokens=c.max_new_tokens, step=step + 1, texts=t["texts"],
                           advantage_override=(t["advantage_override"].to(dev) if t["advantage_override"].isfinite().any()
-                                              else None))
+                                              else None),
+                          **{k: t[k].to(dev) for k in ("rollout_logp", "rollout_entropy") if t[k] is not None})
         return batch.validate(), sampling
 
     def _sampling_metrics(self, parts: list, shaping: list, rounds: int, drawn: int, kept: int) -> dict:
@@ -747,7 +762,9 @@ class StepPipeline:
 
     def _score(self, batch: StepBatch, first_minibatch: torch.Tensor) -> None:
         """Old log-probs and entropy (no grad). Rows of the first minibatch are scored by its own forward before any
-        update (exactly the old policy), unless a stage that runs before the update needs them: then all rows here."""
+        update (exactly the old policy), unless a stage that runs before the update needs them: then all rows here.
+        With `old_logprobs="rollout"` no row is scored again: the engine's records are pi_old's log-probs and entropy
+        (the same weights at the same temperature, computed while sampling)."""
         c, dev, needs = self.config, self.accelerator.device, self.needs
         B = len(batch)
         batch.old_logp = torch.zeros(batch.mask.shape, dtype=torch.float32, device=dev)
@@ -759,13 +776,21 @@ class StepPipeline:
         rows = torch.ones(B, dtype=torch.bool)
         if not early and not quantities and not self._observers:
             rows[first_minibatch] = False
+        from_rollout = c.old_logprobs == "rollout"
+        if from_rollout:
+            if batch.rollout_logp is None:
+                raise RuntimeError("old_logprobs='rollout' but the engine recorded no policy log-probs")
+            batch.old_logp, batch.entropy = batch.rollout_logp.float(), batch.rollout_entropy.float()
+            if not quantities and "ref_logp" not in needs["loss"]:
+                rows[:] = False                              # nothing left to compute from the old policy
         rows = rows.nonzero().squeeze(-1)
-        self._old_scored = len(rows) == B
+        self._old_scored = from_rollout or len(rows) == B
         chunks = rows.tensor_split(max(1, min(len(rows), c.minibatches * c.grad_accum))) if len(rows) else []
         with torch.no_grad():
             for i in chunks:
                 i = i.to(dev)
-                batch.old_logp[i], batch.entropy[i] = self._forward(batch.ids[i], batch.attn[i], batch.mask[i])
+                if not from_rollout:
+                    batch.old_logp[i], batch.entropy[i] = self._forward(batch.ids[i], batch.attn[i], batch.mask[i])
             if quantities:
                 batch.quantities = self._quantities(batch, quantities, chunks)
             if "ref_logp" in needs["loss"]:

@@ -324,3 +324,18 @@ def test_aepo_paper_reading_reads_the_last_steps_entropy(tmp_path):
     m = train(steps=2, output_dir=str(tmp_path / "p"), **TINY, reward_fn=odd_length, rollout_structure="aepo",
               rollout_structure_options={"reading": "paper"}).metrics
     assert m[1]["aepo/h_prev"] == pytest.approx(m[0]["entropy"], rel=1e-5)   # the old policy's token-mean entropy
+
+
+def test_old_logprobs_from_the_rollout_equal_the_recomputed_ones(tmp_path):
+    "old_logprobs='rollout' skips the old-policy pass: the engine's records are pi_old at the run's temperature."
+    kw = dict(TINY, minibatches=2, epochs_per_step=2, reward_fn=odd_length, sampler="min_p")
+    a = train(steps=3, output_dir=str(tmp_path / "a"), **kw).metrics
+    b = train(steps=3, output_dir=str(tmp_path / "b"), **kw, old_logprobs="rollout").metrics
+    for x, y in zip(a, b):
+        for k in ("loss", "entropy", "ratio/mean", "ratio/max", "grad_norm", "reward_mean"):
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
+    assert all(y["time_score_s"] < x["time_score_s"] for x, y in zip(a, b))
+    with pytest.raises(ValueError, match="old_logprobs='rollout'"):
+        TrainConfig.from_dict(old_logprobs="rollout", rollout_structure="aepo")
+    with pytest.raises(ValueError, match="old_logprobs='rollout'"):
+        TrainConfig.from_dict(old_logprobs="rollout", rollout_engine="vllm")
