@@ -11,10 +11,10 @@ from .advantages import ADVANTAGES, _check_rewards, group_advantages, token_leve
 from .reweighting import sampled_step_entropy_change
 
 # %% auto #0
-__all__ = ['CANON_ESTIMATORS', 'CANON_SCHEDULES', 'RISKPO_CREDITS', 'RISKPO_READINGS', 'RISKPO_TRACKERS', 'canon_halves',
-           'canon_advantages', 'cosine_restart', 'canon_intra_weight', 'canon_view', 'canon_figure', 'riskpo_bundles',
+__all__ = ['CANON_ESTIMATORS', 'CANON_SCHEDULES', 'RISKPO_CREDITS', 'RISKPO_READINGS', 'canon_halves', 'canon_advantages',
+           'cosine_restart', 'canon_intra_weight', 'canon_view', 'canon_figure', 'riskpo_bundles',
            'riskpo_paper_advantages', 'riskpo_credit', 'riskpo_advantages', 'riskpo_paper_scores', 'QuantileTracker',
-           'reset_riskpo_trackers', 'riskpo_view', 'riskpo_figure', 'hapo_token_level_advantages']
+           'riskpo_state', 'riskpo_track', 'riskpo_view', 'riskpo_figure', 'hapo_token_level_advantages']
 
 # %% ../nbs/18_advantage_estimation.ipynb #73a4854e
 def canon_halves(metric: Tensor, group_size: int) -> Tensor:
@@ -271,30 +271,45 @@ class QuantileTracker:
         return self.q.clone()
 
 # %% ../nbs/18_advantage_estimation.ipynb #d22e7050
-RISKPO_TRACKERS: dict = {}   # (alpha, beta, tracker_lr) -> QuantileTracker, for reading="track" (this process only)
+def riskpo_state(**options) -> dict:
+    """RiskPO's stage state (chapter 04a): `tracked`, the tracker's running (q_α, q_β), and `q`, the quantiles this step's
+    advantages use under reading="track"; None until the first step."""
+    return {"tracked": None, "q": None}
 
-def reset_riskpo_trackers() -> None:
-    "Forget every tracked quantile (a new run in the same process starts from its first batch again)."
-    RISKPO_TRACKERS.clear()
+def riskpo_track(state: dict, rewards: Tensor, group_size: int, *, alpha: float, beta: float, bundle_size: int,
+                 tracker_lr: float) -> None:
+    """One step of the `track` reading, in place: step 1 uses the batch's quantiles (and starts the tracker there), each
+    later step the estimate the tracker held, which then folds the step's paper scores in (`QuantileTracker`)."""
+    S = riskpo_paper_scores(rewards, group_size, bundle_size)
+    t = QuantileTracker((alpha, beta), tracker_lr)
+    if state["tracked"] is not None:
+        t.q = torch.tensor(state["tracked"], dtype=torch.float64)
+    before = None if t.q is None else t.q.tolist()
+    after = t.update(S).tolist()
+    state["q"], state["tracked"] = (after if before is None else before), after
 
-def _riskpo(rewards, group_size, batch, *, alpha, beta, bundle_size, weight, nu, std_norm, credit, reading, tracker_lr):
-    "RiskPO: Mixed VaR advantages of bundle paper scores; `track`: the quantiles the tracker held before this batch."
+def _riskpo_observe(state, view, *, alpha, beta, bundle_size, reading, tracker_lr, **_):
+    "The trainer's hook: the tracker reads every process's rewards once per step, so it is the same on every process."
+    if reading == "track":
+        riskpo_track(state, view["rewards"], view["group_size"], alpha=alpha, beta=beta, bundle_size=bundle_size,
+                     tracker_lr=tracker_lr)
+
+def _riskpo(rewards, group_size, batch, *, alpha, beta, bundle_size, weight, nu, std_norm, credit, reading, tracker_lr,
+            state=None):
+    "RiskPO: Mixed VaR advantages of bundle paper scores; `track`: the quantiles its state holds for this step."
     quantiles = None
     if reading == "track":
-        tracker = RISKPO_TRACKERS.setdefault((alpha, beta, tracker_lr), QuantileTracker((alpha, beta), tracker_lr))
-        S = riskpo_paper_scores(rewards, group_size, bundle_size)
-        first = tracker.q is None
-        q = tracker.update(S) if first else tracker.q.clone()   # step 1: the batch quantiles themselves
-        if not first:
-            tracker.update(S)                                     # later steps: last step's estimate, then fold S in
-        quantiles = tuple(q.tolist())
+        if state is None or state["q"] is None:
+            raise ValueError("riskpo reading='track' needs its state with this step's quantiles: the trainer keeps it; "
+                             "elsewhere make one with riskpo_state() and call riskpo_track(state, rewards, ...) first")
+        quantiles = tuple(state["q"])
     return riskpo_advantages(rewards, group_size, alpha=alpha, beta=beta, bundle_size=bundle_size, weight=weight,
                              nu=nu, std_norm=std_norm, credit=credit, quantiles=quantiles)
 
 ADVANTAGES.register("riskpo", _riskpo, dict(alpha=0.2, beta=0.8, bundle_size=5, weight=1.5, nu=0.0, std_norm=True,
                                             credit="sum-mean", reading="released", tracker_lr=0.1),
                     "RiskPO: Mixed Value-at-Risk of bundle paper scores (CVaR_alpha + RVaR_alpha,beta)",
-                    check=_check_riskpo)
+                    check=_check_riskpo, meta={"state": riskpo_state, "observe": _riskpo_observe})
 
 # %% ../nbs/18_advantage_estimation.ipynb #c066be4c
 def riskpo_view(alpha: float = 0.2, beta: float = 0.8, weight: float = 1.5, nu: float = 0.0, credit: str = "sum-mean",

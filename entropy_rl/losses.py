@@ -106,7 +106,7 @@ def _regularizer_options(o: dict) -> dict:
     return {n: ro for n, ro in regs.items() if ro["coef"]}
 
 def register_loss(name: str, fn: Callable, defaults: dict, aggregation: str, doc: str = "", *,
-                  needs=frozenset(), check: Callable | None = None) -> None:
+                  needs=frozenset(), check: Callable | None = None, meta: dict | None = None) -> None:
     """Add (or replace) a loss. `needs`: what it needs computed (a set, or a function of its options);
     `check(options)`: its own value checks, besides those its function makes when called."""
     clash = set(defaults) & set(COMMON_OPTIONS)
@@ -126,7 +126,7 @@ def register_loss(name: str, fn: Callable, defaults: dict, aggregation: str, doc
         if check is not None:
             check(o)
     LOSSES.register(name, fn, {**COMMON_OPTIONS, "aggregation": aggregation, **defaults}, doc,
-                    needs=all_needs, check=all_checks)
+                    needs=all_needs, check=all_checks, meta=meta)
 
 def list_losses() -> list[str]:
     "Names of the registered losses, in registration order."
@@ -141,10 +141,10 @@ def loss_needs(name: str, options: dict | None = None) -> frozenset:
     return LOSSES.get(name).needs_for(options or {})
 
 def register_regularizer(name: str, fn: Callable, defaults: dict, doc: str = "", *, needs=frozenset(),
-                         check: Callable | None = None) -> None:
+                         check: Callable | None = None, meta: dict | None = None) -> None:
     """Add a regularizer: `fn(logp, mask, inputs, agg, **options) -> (term, metrics)`; the loss adds coef * term.
     `inputs` holds what it declared in `needs`; `agg(x)` aggregates [B, T] like the loss does. `coef` is always an option."""
-    REGULARIZERS.register(name, fn, {"coef": 0.0, **defaults}, doc, needs=needs, check=check)
+    REGULARIZERS.register(name, fn, {"coef": 0.0, **defaults}, doc, needs=needs, check=check, meta=meta)
 
 def list_regularizers() -> list[str]:
     "Names of the registered regularizers."
@@ -192,10 +192,11 @@ def _validate(logp, old_logp, advantages, mask, entropy):
 
 # %% ../nbs/06_losses.ipynb #977abb0e
 def policy_loss(name: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, *,
-                check: bool = True, **options) -> tuple[Tensor, dict]:
+                check: bool = True, states: dict | None = None, **options) -> tuple[Tensor, dict]:
     """The registry's entry point: scalar loss (to minimise) and a dict of float metrics for loss `name`.
     logp, old_logp, mask: [B, T]; advantages: [B] or [B, T]; options by keyword (see `loss_options(name)`).
-    `check=False`: the caller validated the batch (bool mask, [B, T] advantages, zeros where masked)."""
+    `check=False`: the caller validated the batch (bool mask, [B, T] advantages, zeros where masked).
+    `states`: the stage states a caller keeps (chapter 04a), keyed "algo/<loss>", "regularizers/<name>"."""
     spec = LOSSES.get(name)
     unknown = sorted(set(options) - set(spec.defaults))
     if unknown:
@@ -213,6 +214,8 @@ def policy_loss(name: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, m
     for k, v in (opts["inputs"] or {}).items():   # a declared per-token quantity reaches a loss option of its name
         if k in own and own[k] is None:
             own[k] = v
+    if spec.has_state:
+        own["state"] = spec.state_from(states, f"algo/{name}", opts)
     per_token, metrics = spec.fn(lp, olp, adv, m, ent, **own)
     if opts["token_weights"] is not None:
         w = opts["token_weights"]
@@ -247,8 +250,10 @@ def policy_loss(name: str, logp: Tensor, old_logp: Tensor, advantages: Tensor, m
                         raise ValueError(f"{n} must be a tensor of shape {tuple(lp.shape)}, got {tuple(x.shape)}")
                     if isinstance(x, Tensor):
                         _finite_on(x, m, n)
-            term, rm = REGULARIZERS.get(rname).fn(lp, m, inputs, lambda x: aggregate(x, m, **agg),
-                                                  **{k: v for k, v in ro.items() if k != "coef"})
+            reg, kw = REGULARIZERS.get(rname), {k: v for k, v in ro.items() if k != "coef"}
+            if reg.has_state:
+                kw["state"] = reg.state_from(states, f"regularizers/{rname}", ro)
+            term, rm = reg.fn(lp, m, inputs, lambda x: aggregate(x, m, **agg), **kw)
             loss = loss + ro["coef"] * term
             metrics.update(rm)
             metrics[f"reg/{rname}"] = float(ro["coef"] * term.detach())

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 # %% auto #0
-__all__ = ['MECHANISM_MODULES', 'QUANTITIES', 'RUN_VALUES', 'Entry', 'Registry', 'load_mechanisms']
+__all__ = ['MECHANISM_MODULES', 'QUANTITIES', 'RUN_VALUES', 'Entry', 'stage_key', 'check_state', 'Registry', 'load_mechanisms']
 
 # %% ../nbs/04a_registry.ipynb #741f0725
 @dataclass(frozen=True)
@@ -22,12 +22,57 @@ class Entry:
     doc: str = ""                                    # one line
     needs: Any = frozenset()                         # set of quantity names, or a function of the options -> set
     check: Callable | None = None                    # check(options) raises ValueError on a bad value
-    meta: dict = field(default_factory=dict)         # stage-specific facts (QUANTITIES: {"grad": True} = with gradient)
+    meta: dict = field(default_factory=dict)         # stage-specific facts (QUANTITIES: {"grad": True} = with gradient;
+                                                     # any stage: {"state": init_fn, "observe": observe_fn}, see below)
 
     def needs_for(self, options: dict) -> frozenset:
         "The quantities this entry needs under `options` (defaults filled in)."
         n = self.needs({**self.defaults, **options}) if callable(self.needs) else self.needs
         return frozenset(n)
+
+    @property
+    def has_state(self) -> bool:
+        "Whether the entry keeps controller state across steps (`meta['state']`)."
+        return "state" in self.meta
+
+    def initial_state(self, options: dict | None = None) -> dict | None:
+        "A fresh state `meta['state'](**options)` (defaults filled in), checked storable (`check_state`); None if stateless."
+        if not self.has_state:
+            return None
+        return check_state(self.meta["state"](**{**self.defaults, **(options or {})}), self.name)
+
+    def state_from(self, states: dict | None, key: str, options: dict | None = None) -> dict | None:
+        """The state `states[key]` that a caller keeps across calls (the trainer's `stage_states`); without one, a fresh
+        state for this call alone (a notebook's single call, the config-time dry run). None if stateless."""
+        if not self.has_state:
+            return None
+        return states[key] if states is not None and key in states else self.initial_state(options)
+
+    def observe(self, state: dict, view: dict, options: dict | None = None) -> None:
+        "`meta['observe'](state, view, **options)` once per step, if the entry has one (it updates `state` in place)."
+        if "observe" in self.meta:
+            self.meta["observe"](state, view, **{**self.defaults, **(options or {})})
+
+def stage_key(config_key: str, name: str) -> str:
+    "The key of an entry's state: the config field that selects the stage, then the entry's name (\"advantage/riskpo\")."
+    return f"{config_key}/{name}"
+
+def check_state(state, where: str = "an entry") -> dict:
+    """`state` if it is a dict that a checkpoint can hold and `torch.load(weights_only=True)` reads back (numbers, bools,
+    strings, None, tensors, and lists / tuples / dicts of those); ValueError naming `where` otherwise."""
+    import io
+    import torch
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise ValueError(f"the state of {where} must be a dict with str keys, got {type(state).__name__}")
+    buf = io.BytesIO()
+    try:
+        torch.save(state, buf); buf.seek(0)
+        torch.load(buf, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"the state of {where} cannot be checkpointed: torch.load(weights_only=True) refuses it "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); keep to numbers, bools, strings, None, "
+                         "tensors, and lists or dicts of those") from None
+    return state
 
 def _type_ok(default, value) -> bool:
     "Whether `value` has the kind of the option's default (None defaults accept anything)."
@@ -51,7 +96,13 @@ class Registry:
         "Add (or replace) an entry; returns it."
         if not isinstance(name, str) or not name.isidentifier():
             raise ValueError(f"{self.stage} name must be an identifier, got {name!r}")
-        e = Entry(name, fn, dict(defaults or {}), doc, needs if callable(needs) else frozenset(needs), check, dict(meta or {}))
+        meta = dict(meta or {})
+        for k in ("state", "observe"):
+            if k in meta and not callable(meta[k]):
+                raise ValueError(f"{self.stage} {name!r}: meta[{k!r}] must be a function, got {meta[k]!r}")
+        if "observe" in meta and "state" not in meta:
+            raise ValueError(f"{self.stage} {name!r}: meta['observe'] needs meta['state'] (the state it updates)")
+        e = Entry(name, fn, dict(defaults or {}), doc, needs if callable(needs) else frozenset(needs), check, meta)
         self._entries[name] = e
         return e
 
@@ -108,7 +159,7 @@ class Registry:
 
 # %% ../nbs/04a_registry.ipynb #86790de0
 MECHANISM_MODULES: tuple = ("entropy_rl.reweighting", "entropy_rl.advantage_estimation", "entropy_rl.selective_entropy",
-                             "entropy_rl.soft_clipping")   # chapters' modules that register stage entries (imported on first use)
+                             "entropy_rl.soft_clipping", "entropy_rl.rollout_structures")   # chapters' modules that register stage entries (imported on first use)
 QUANTITIES = Registry("per-token quantity")
 RUN_VALUES = Registry("run value")
 

@@ -11,12 +11,15 @@ from .advantages import ADVANTAGES
 from .covariance import first_order_entropy_change
 from .losses import register_loss, apply_dual_clip, _check_dual_clip, _check_eps, _ratio_metrics
 from .ratios import token_ratios, token_segment_ids
+from .registry import QUANTITIES
+from .selective_entropy import rowwise_head, _check_positive_int
 from .toy import policy_entropy
 
 # %% auto #0
-__all__ = ['STEER_MODES', 'HAPO_READINGS', 'sampled_step_entropy_change', 'steer_omega', 'steer_first_order', 'steer_weights',
-           'steer_view', 'steer_figure', 'empg_factors', 'empg_advantages', 'empg_view', 'empg_figure',
-           'hapo_differential_advantage', 'hapo_view', 'hapo_figure']
+__all__ = ['STEER_MODES', 'STEER_READINGS', 'HAPO_READINGS', 'sampled_step_entropy_change', 'steer_omega', 'steer_first_order',
+           'steer_pi2_rows', 'steer_pi2_head', 'steer_omega_first_order', 'steer_weights', 'steer_view', 'steer_figure',
+           'empg_factors', 'empg_advantages', 'empg_view', 'empg_figure', 'hapo_differential_advantage', 'hapo_view',
+           'hapo_figure']
 
 # %% ../nbs/17_token_reweighting.ipynb #2412ccce
 def sampled_step_entropy_change(logits: Tensor, actions: Tensor, weights: Tensor) -> Tensor:
@@ -79,6 +82,42 @@ def steer_first_order(probs: Tensor, action: int, adv: float, ratio: float = 1.0
     H = -(p * lp).sum()
     return float(-adv * ratio * (p[action] * (lp[action] + H) - (p * p * (lp + H)).sum()))
 
+# %% ../nbs/17_token_reweighting.ipynb #5e7a0f01
+def steer_pi2_rows(z: Tensor) -> Tensor:
+    """Σ_j π_j²(log π_j + H) per row of logits z [..., V] (temperature applied; π = softmax(z), H its entropy): the part of
+    the first-order entropy change of a sampled token's step that the other actions contribute."""
+    lp = torch.log_softmax(z, dim=-1)
+    p = lp.exp()
+    plp = torch.where(p > 0, p * lp, torch.zeros_like(p))
+    H = -plp.sum(-1, keepdim=True)
+    return (p * plp + p * p * H).sum(-1)
+
+
+def steer_pi2_head(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0, *,
+                   chunk_size: int = 256) -> Tensor:
+    "`steer_pi2_rows` per token [N] from the last hidden states and the output weight, row block by row block."
+    return rowwise_head(lambda z, y: steer_pi2_rows(z), hidden, weight, labels, temperature, chunk_size)
+
+
+QUANTITIES.register("steer_pi2_term", steer_pi2_head, dict(chunk_size=256),
+                    "STEER's first-order reading: sum_j pi_j^2 (log pi_j + H) of the old policy, row-chunked",
+                    check=lambda o: _check_positive_int(o["chunk_size"], "chunk_size"))
+
+
+@torch.no_grad()
+def steer_omega_first_order(logp: Tensor, old_logp: Tensor, adv: Tensor, old_entropy: Tensor, pi2_term: Tensor,
+                            mask: Tensor) -> Tensor:
+    """STEER's per-token estimate [B, T] in the first-order softmax reading, at the old policy:
+    Ω = −A r [π_old(y)(log π_old(y) + H_old) − Σ_j π_j²(log π_j + H_old)], r = π_θ(y)/π_old(y) (detached),
+    the sum `pi2_term` from the old-policy pass (`steer_pi2_term`). Masked tokens give 0."""
+    if isinstance(adv, Tensor) and adv.dim() == 1:
+        adv = adv[:, None].expand_as(logp)
+    m = _check_tokens(mask, logp=logp, old_logp=old_logp, adv=adv, old_entropy=old_entropy, pi2_term=pi2_term)
+    olp = old_logp.detach()
+    r = torch.exp(logp.detach() - olp)
+    omega = -adv * r * (olp.exp() * (olp + old_entropy.detach()) - pi2_term.detach())
+    return torch.where(m & torch.isfinite(omega), omega, torch.zeros_like(omega))
+
 # %% ../nbs/17_token_reweighting.ipynb #2aaff616
 @torch.no_grad()
 def steer_weights(omega: Tensor, mask: Tensor, *, mode: str = "exp", w_min: float = 0.8, w_max: float = 1.0,
@@ -113,9 +152,11 @@ def _check_steer(o: dict) -> None:
                          f"w_min={o['w_min']}, w_max={o['w_max']} (use mode='linear' for other ranges)")
 
 # %% ../nbs/17_token_reweighting.ipynb #01e39467
+STEER_READINGS = ("code", "first_order")
+
 def _steer_loss(logp, old_logp, adv, m, entropy=None, *, mode, w_min, w_max, clip_low, clip_high, dual_clip,
-                old_entropy):
-    "STEER: dual-clip PPO per token × sg[w], w from |Ω| of this loss call's valid tokens."
+                old_entropy, reading, steer_pi2_term):
+    "STEER: dual-clip PPO per token × sg[w], w from |Ω| (the code's, or the first-order reading's) of this call's valid tokens."
     _check_eps(clip_low, clip_high)
     H = old_entropy if old_entropy is not None else entropy
     if H is None:
@@ -123,7 +164,12 @@ def _steer_loss(logp, old_logp, adv, m, entropy=None, *, mode, w_min, w_max, cli
     if not isinstance(H, Tensor) or H.shape != logp.shape:
         raise ValueError(f"steer: old_entropy must be a tensor of shape {tuple(logp.shape)} (a per-call input, not a setting)")
     H = torch.where(m, H.detach().to(logp.dtype), torch.zeros((), dtype=logp.dtype, device=logp.device))
-    omega = steer_omega(logp, old_logp, adv, H, m)
+    if reading == "first_order":
+        if steer_pi2_term is None:
+            raise ValueError("steer reading='first_order' needs steer_pi2_term= [B, T] (the quantity of that name)")
+        omega = steer_omega_first_order(logp, old_logp, adv, H, steer_pi2_term.to(logp.dtype), m)
+    else:
+        omega = steer_omega(logp, old_logp, adv, H, m)
     w = steer_weights(omega, m, mode=mode, w_min=w_min, w_max=w_max)
     ratio = token_ratios(logp, old_logp, m)
     low, high = 1 - clip_low, 1 + clip_high
@@ -141,11 +187,14 @@ def _steer_loss(logp, old_logp, adv, m, entropy=None, *, mode, w_min, w_max, cli
 def _check_steer_loss(o: dict) -> None:
     _check_steer(o)
     _check_dual_clip(o)
+    if o["reading"] not in STEER_READINGS:
+        raise ValueError(f"steer: reading must be one of {list(STEER_READINGS)}, got {o['reading']!r}")
 
 register_loss("steer", _steer_loss, dict(mode="exp", w_min=0.8, w_max=1.0, clip_low=0.2, clip_high=0.28,
-                                         dual_clip=10.0, old_entropy=None), "token-mean",
+                                         dual_clip=10.0, old_entropy=None, reading="code", steer_pi2_term=None), "token-mean",
               "STEER: dual-clip PPO x sg[w], w shrinks the tokens with the largest one-step |dH| estimate",
-              needs={"entropy", "old_entropy"}, check=_check_steer_loss)
+              needs=lambda o: {"entropy", "old_entropy"} | ({"steer_pi2_term"} if o["reading"] == "first_order" else set()),
+              check=_check_steer_loss)
 
 # %% ../nbs/17_token_reweighting.ipynb #d53d91db
 def steer_view(mode: str = "exp", w_min: float = 0.8, w_max: float = 1.0, logits: Tensor | None = None,

@@ -22,7 +22,8 @@ __all__ = ['ARES_BUCKETS', 'ARES_KL_DEFAULTS', 'rowwise_head', 'topk_nucleus_ent
            'min_p_proxy_log_softmax', 'min_p_proxy_logprobs', 'min_p_proxy_kl', 'proxy_logp_head', 'proxy_kl_head',
            'siren_peak_mask', 'siren_mean', 'siren_anchor', 'siren_toy_step', 'siren_view', 'lp_reg_select',
            'lp_reg_toy', 'lp_reg_view', 'spine_forking_mask', 'entropy_band_hinge', 'band_step', 'band_view',
-           'ares_difficulty', 'ares_kl_state', 'ares_kl_update', 'ares_sequence_beta', 'sequence_mean_k3', 'ares_view']
+           'ares_buckets', 'ares_difficulty', 'ares_kl_state', 'ares_kl_update', 'ares_sequence_beta',
+           'sequence_mean_k3', 'ares_view']
 
 # %% ../nbs/19_selective_entropy.ipynb #97c3ed68
 def _check_positive_int(x, name: str) -> int:
@@ -401,16 +402,21 @@ ARES_KL_DEFAULTS: dict = dict(target=0.01, beta_init=1.0, beta_min=1e-4, beta_ma
                               deadzone=0.02, interval=100)
 
 
+def ares_buckets(accuracy: Tensor) -> list[str]:
+    "The bucket of each group accuracy in [0, 1]: >= 2/3 easy, >= 1/3 medium, otherwise hard."
+    return ["easy" if a >= 2 / 3 - 1e-12 else "medium" if a >= 1 / 3 - 1e-12 else "hard"
+            for a in torch.as_tensor(accuracy).double().flatten().tolist()]
+
+
 def ares_difficulty(correct: Tensor, group_size: int) -> list[str]:
-    "Each response's bucket from its group's accuracy: >= 2/3 easy, >= 1/3 medium, otherwise hard."
+    "Each response's bucket from its group's accuracy (`ares_buckets`); `correct` [B] in groups of `group_size`."
     c = torch.as_tensor(correct).double().flatten()
     if group_size < 1 or c.numel() % group_size:
         raise ValueError(f"{c.numel()} responses do not split into groups of {group_size}")
-    acc = c.view(-1, group_size).mean(1).repeat_interleave(group_size)
-    return ["easy" if a >= 2 / 3 - 1e-12 else "medium" if a >= 1 / 3 - 1e-12 else "hard" for a in acc.tolist()]
+    return ares_buckets(c.view(-1, group_size).mean(1).repeat_interleave(group_size))
 
 
-def ares_kl_state(beta_init: float = 1.0) -> dict:
+def ares_kl_state(beta_init: float = 1.0, **options) -> dict:
     "The controller's initial state: one β per bucket, no KL seen yet, zero error average, no calls."
     return {"beta": {b: float(beta_init) for b in ARES_BUCKETS}, "kl_ema": {b: None for b in ARES_BUCKETS},
             "err_ema": {b: 0.0 for b in ARES_BUCKETS}, "calls": 0}
@@ -465,18 +471,36 @@ def sequence_mean_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
     return (clamped_k3(d) * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def _ares_kl(logp, m, inputs, agg):
-    "agg(β_seq · k3(log π_ref − log π_θ)): the reference KL with one β per sequence (inputs['ares_beta'], [B, T])."
-    beta = inputs["ares_beta"].detach().to(logp.dtype)
+def _ares_kl(logp, m, inputs, agg, *, state, **options):
+    """agg(β_seq · k3(log π_ref − log π_θ)), β_seq the β of the sequence's bucket (from inputs['group_pass_rate']) that the
+    controller held before this call; then one controller call (`ares_kl_update`) on this call's sequence KLs."""
+    rows = m.any(1)
+    bucket = ares_buckets(inputs["group_pass_rate"].detach().amax(1))
+    beta = ares_sequence_beta(state, bucket).to(logp.device, logp.dtype)[:, None]
     d = torch.where(m, inputs["ref_logp"].detach().to(logp.dtype) - logp, torch.zeros_like(logp))
     k3 = clamped_k3(d)
-    return agg(beta * k3), {"kl/k3_mean": k3.detach()[m].mean().item(), "ares/beta_mean": beta[m].mean().item()}
+    seq_kl = sequence_mean_k3(logp, inputs["ref_logp"], m)
+    state.update(ares_kl_update(state, [b for b, r in zip(bucket, rows.tolist()) if r], seq_kl[rows], **options))
+    return agg(beta * k3), {"kl/k3_mean": k3.detach()[m].mean().item(),
+                            "ares/beta_mean": beta.expand_as(k3)[m].mean().item(),
+                            **{f"ares/beta_{b}": state["beta"][b] for b in ARES_BUCKETS}}
 
 
-register_regularizer("ares_kl", _ares_kl, dict(coef=0.01),
-                     "ARES-AEPO: k3 KL to the reference with a per-sequence, per-difficulty adaptive β (inputs ares_beta; the trainer "
-                     "does not compute ares_beta yet, so a config with it is refused)",
-                     needs={"ref_logp", "ares_beta"})
+def _check_ares_kl(o: dict) -> None:
+    if not (o["target"] > 0 and 0 < o["beta_min"] <= o["beta_init"] <= o["beta_max"] and math.isfinite(o["beta_max"])):
+        raise ValueError(f"ares_kl: need target > 0 and 0 < beta_min <= beta_init <= beta_max (finite), got target="
+                         f"{o['target']}, beta_min={o['beta_min']}, beta_init={o['beta_init']}, beta_max={o['beta_max']}")
+    if not (0 <= o["ema"] < 1 and o["lr"] >= 0 and o["clip"] > 0 and o["deadzone"] >= 0):
+        raise ValueError(f"ares_kl: need 0 <= ema < 1, lr >= 0, clip > 0, deadzone >= 0, got ema={o['ema']}, "
+                         f"lr={o['lr']}, clip={o['clip']}, deadzone={o['deadzone']}")
+    _check_positive_int(o["interval"], "ares_kl: interval")
+
+
+register_regularizer("ares_kl", _ares_kl, dict(coef=0.01, **ARES_KL_DEFAULTS),
+                     "ARES-AEPO: k3 KL to the reference, one adaptive beta per difficulty bucket (group pass rate), "
+                     "controller state checkpointed", needs={"ref_logp", "group_pass_rate"}, check=_check_ares_kl,
+                     meta={"state": ares_kl_state})
+
 
 # %% ../nbs/19_selective_entropy.ipynb #6ed1b598
 def ares_view(drift: float = 1.0, target: float = 0.01, calls: int = 20000):

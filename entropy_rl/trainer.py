@@ -31,8 +31,8 @@ from .distributed import (SCOPES, all_reduce, full_state, gather_rows, gathered_
 from .losses import (INPUT_OPTIONS, REGULARIZERS, check_loss_options, list_losses, loss_needs,
                                loss_options, policy_loss)
 from .advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
-from .registry import QUANTITIES, RUN_VALUES
-from .rollout import SAMPLERS
+from .registry import QUANTITIES, RUN_VALUES, check_state, stage_key
+from .rollout import ROLLOUTS, SAMPLERS, cache_keyword, distinct_rows, output_cache
 # the run directory (chapter 11a); save_checkpoint, latest_checkpoint, load_checkpoint, load_weights, read_metrics and
 # RESUMABLE_CHANGES stay importable from here
 from .rundir import (RESUMABLE_CHANGES, CheckpointError, Interrupted, RunDirLocked, RunLock, StopSignals, _atomic_write,
@@ -53,6 +53,7 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "rollout_engine": ("transformers", "vllm"),
     "batch_scope": SCOPES,
+    "minibatch_split": ("groups", "rows"),
 }
 
 @dataclass
@@ -66,6 +67,8 @@ class TrainConfig:
     loss_options: dict = field(default_factory=dict)
     sampler: str = "default"     # any name in `entropy_rl.rollout.list_samplers()`; "default": temperature + top_p
     sampler_options: dict = field(default_factory=dict)
+    rollout_structure: str = "default"  # any name in `entropy_rl.rollout.list_rollouts()`: which sequences a step samples
+    rollout_structure_options: dict = field(default_factory=dict)
     reward_shaping: list = field(default_factory=list)            # shaper names, applied in order (e.g. ["overlong"])
     reward_shaping_options: dict = field(default_factory=dict)    # shaper name -> its options
     group_filter: str | None = None   # a name in `list_group_filters()`; None: keep every group (see dynamic_sampling)
@@ -95,6 +98,8 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto: bf16 on GPU, none on CPU
     device: str = "auto"
     fused: bool = True           # log-probs and entropy through the fused head
+    share_prompts: bool = True   # a group's samples share one prompt forward (rollout prefill and training forward)
+    minibatch_split: str = "groups"  # minibatches of whole groups (prompt sharing works inside them) or of shuffled rows
     rollout_engine: str = "transformers"  # "vllm": colocated vLLM (pip install entropy_rl[gpu]; untested here)
     rollout_options: dict = field(default_factory=dict)   # keyword arguments of the engine (e.g. gpu_memory_utilization)
     tis_cap: float | None = None # truncated importance sampling: per-token weight min(pi_old / mu, tis_cap); None: off
@@ -135,6 +140,10 @@ class TrainConfig:
         self.loss_options = _settable(check_loss_options(self.algo, {**self.loss_options, **self._regularizer_terms()}),
                                       self.loss_options)
         self.sampler_options = SAMPLERS.resolve(self.sampler, self.sampler_options)
+        self.rollout_structure_options = ROLLOUTS.resolve(self.rollout_structure, self.rollout_structure_options)
+        fits = ROLLOUTS.get(self.rollout_structure).meta.get("group_size")   # a structure may shape the group
+        if fits is not None:
+            fits(self.group_size, **self.rollout_structure_options)
         if not isinstance(self.reward_shaping, list) or not all(isinstance(n, str) for n in self.reward_shaping):
             raise ValueError(f"reward_shaping must be a list of shaper names, got {self.reward_shaping!r}")
         stray = sorted(set(self.reward_shaping_options) - set(self.reward_shaping))
@@ -227,7 +236,8 @@ class TrainConfig:
             raise ValueError(f"tis_cap must be None or a finite number > 0 (typically 2), got {self.tis_cap!r}")
         if self.tis_cap is not None and "token_weights" in self.loss_options:
             raise ValueError("tis_cap sets the loss's token_weights; do not pass token_weights in loss_options too")
-        for k in ("task_options", "loss_options", "rollout_options", "sampler_options", "reward_shaping_options",
+        for k in ("task_options", "loss_options", "rollout_options", "sampler_options", "rollout_structure_options",
+                  "reward_shaping_options",
                   "group_filter_options", "advantage_options", "regularizers"):
             if not isinstance(getattr(self, k), dict):
                 raise ValueError(f"{k} must be a dict, got {getattr(self, k)!r}")
@@ -274,7 +284,7 @@ def _coerce(cls, key: str, value: Any) -> Any:
 
 # what the trainer computes for a stage that declares it (besides the registered per-token QUANTITIES)
 PROVIDED_NEEDS = frozenset({"entropy", "old_entropy", "old_logp", "ref_logp", "segment_ids", "generator", "lengths", "mask",
-                            "scores", "response_ids", "max_new_tokens", "step", "texts"})
+                            "scores", "response_ids", "max_new_tokens", "step", "texts", "group_pass_rate"})
 # what the rollout-phase stages (reward shapers, group filters) see besides: the engine's per-token records (None where an
 # engine does not record them), the group size and the run's tokenizer
 ROLLOUT_FIELDS = ("policy_entropy", "sampling_entropy", "top1_ids")
@@ -314,25 +324,45 @@ def recipe_description(name: str) -> str:
     return (yaml.safe_load(files("entropy_rl").joinpath("recipes", f"{name}.yaml").read_text()) or {}).get("description", "")
 
 # %% ../nbs/11_trainer.ipynb #7333d29d
-def _response_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int) -> torch.Tensor:
-    "Last hidden states at the positions that predict the final `T` tokens: [B, T, D]."
+def _checkpointing(model) -> bool:
+    "Whether activation (gradient) checkpointing is on: it turns the KV cache off, so prompts cannot be shared."
+    flag = getattr(type(model), "is_activation_checkpointing", None)   # transformers >= 5 (the older name warns there)
+    return bool(model.is_activation_checkpointing if flag is not None else getattr(model, "is_gradient_checkpointing", False))
+
+def _response_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, T: int,
+                     share_prompts: bool = True) -> torch.Tensor:
+    """Last hidden states at the positions that predict the final `T` tokens: [B, T, D]. With `share_prompts`, rows
+    with the same prompt (a group's samples) run it once and attend to its KV cache, repeated per row: the same values
+    with fewer FLOPs, and the gradient of the shared prompt positions is the sum over the rows that use them."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
     decoder = base.get_decoder()
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding → positions from 0
+    P = input_ids.shape[1] - T
+    if share_prompts and P > 0 and not _checkpointing(base):
+        first, inverse = distinct_rows(input_ids[:, :P], attention_mask[:, :P])
+        if len(first) < len(input_ids):
+            head = decoder(input_ids=input_ids[first, :P], attention_mask=attention_mask[first, :P],
+                           position_ids=position_ids[first, :P], use_cache=True)
+            cache = output_cache(head)
+            cache.batch_select_indices(inverse)                     # distinct prompt k's keys/values to each of its rows
+            rest = decoder(input_ids=input_ids[:, P:], attention_mask=attention_mask, position_ids=position_ids[:, P:],
+                           use_cache=True, **{cache_keyword(decoder.forward): cache}).last_hidden_state
+            return torch.cat([head.last_hidden_state[inverse, -1:], rest[:, :T - 1]], 1)
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      use_cache=False).last_hidden_state
     return hidden[:, -T - 1:-1]
 
 def policy_logprobs_and_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                 response_mask: torch.Tensor, temperature: float = 1.0,
-                                fused: bool = True, quantities: dict | None = None) -> tuple:
+                                fused: bool = True, quantities: dict | None = None, share_prompts: bool = True) -> tuple:
     """Log-probs of the response tokens and the policy entropy at each response position.
 
     `input_ids` = prompt ⊕ response (the response is the last `T = response_mask.shape[1]` columns).
     Runs the decoder to its last hidden states, then the output head: the fused kernel when
     `fused`, else full logits through `entropy_rl.entropy`. Returns fp32 ([B, T], [B, T]), zero
     where `response_mask` is 0. With `quantities` ({name: options} of `entropy_rl.registry.QUANTITIES`) it also
-    returns {name: [B, T]} computed from the same hidden states (with gradient when the caller has it on)."""
+    returns {name: [B, T]} computed from the same hidden states (with gradient when the caller has it on).
+    `share_prompts`: rows with one prompt run it once (see `_response_hidden`)."""
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids and attention_mask must be [B, L] of one shape, got "
                          f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
@@ -341,7 +371,7 @@ def policy_logprobs_and_entropy(model, input_ids: torch.Tensor, attention_mask: 
         raise ValueError(f"response_mask {tuple(response_mask.shape)} does not fit input_ids {tuple(input_ids.shape)}")
     mask = response_mask.bool()
     labels = input_ids[:, -T:]
-    hidden = _response_hidden(model, input_ids, attention_mask, T)
+    hidden = _response_hidden(model, input_ids, attention_mask, T, share_prompts)
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError("output heads with a bias are not supported")
@@ -368,9 +398,9 @@ class PolicyScorer(torch.nn.Module):
     """The policy behind the one forward the loss uses: (input_ids, attention_mask, response_mask) → (log-probs, entropy).
     The trainer hands this module (not the bare causal LM) to accelerate, so DDP / FSDP see the forward whose
     backward they synchronise."""
-    def __init__(self, policy, temperature: float = 1.0, fused: bool = True):
+    def __init__(self, policy, temperature: float = 1.0, fused: bool = True, share_prompts: bool = True):
         super().__init__()
-        self.policy, self.temperature, self.fused = policy, temperature, fused
+        self.policy, self.temperature, self.fused, self.share_prompts = policy, temperature, fused, share_prompts
         # FSDP's transformer-layer auto-wrap reads the layer classes from the module it is given: pass the policy's
         # on, or FSDP wraps only this root and gathers the whole model at every forward
         self._no_split_modules = getattr(policy, "_no_split_modules", None)
@@ -378,7 +408,7 @@ class PolicyScorer(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor,
                 quantities: dict | None = None):
         return policy_logprobs_and_entropy(self.policy, input_ids, attention_mask, response_mask, self.temperature,
-                                           self.fused, quantities)
+                                           self.fused, quantities, self.share_prompts)
 
 # %% ../nbs/11_trainer.ipynb #466b488b
 def build_model(config: TrainConfig):
@@ -422,6 +452,8 @@ def _engine(model, tokenizer, config: TrainConfig | None = None):
     "The rollout engine `config.rollout_engine` names, built with `config.rollout_options`."
     from entropy_rl.rollout import TransformersEngine, VLLMEngine
     name, opts = ("transformers", {}) if config is None else (config.rollout_engine, dict(config.rollout_options))
+    if config is not None and name == "transformers":
+        opts.setdefault("share_prompts", config.share_prompts)
     try:
         return (VLLMEngine if name == "vllm" else TransformersEngine)(model, tokenizer, **opts)
     except TypeError as e:
@@ -490,11 +522,17 @@ class StepBatch:
     ref_logp: torch.Tensor | None = None       # [B, T] the frozen reference policy (when declared)
     segment_ids: torch.Tensor | None = None    # [B, T] (when declared)
     quantities: dict = field(default_factory=dict)   # declared QUANTITIES by name, [B, T] each
+    advantage_override: torch.Tensor | None = None   # [B] from the rollout structure: a finite value replaces the row's advantage
 
     @property
     def response_ids(self) -> torch.Tensor: return self.ids[:, -self.mask.shape[1]:]
     @property
     def lengths(self) -> torch.Tensor: return self.mask.sum(-1)
+    @property
+    def group_pass_rate(self) -> torch.Tensor:
+        "[B, T]: the share of the row's group whose task score is >= 1, on every position of the row."
+        s = (self.scores >= 1).float().view(-1, self.group_size).mean(1).repeat_interleave(self.group_size)
+        return s[:, None].expand(self.mask.shape)
     def __len__(self) -> int: return self.mask.shape[0]
     def __getitem__(self, key: str):
         if key in self.quantities:
@@ -525,6 +563,9 @@ class StepBatch:
         if adv.shape not in ((B,), (B, T)):
             raise ValueError(f"an advantage estimator returned shape {tuple(adv.shape)}; expected [B]={B} or [B, T]={(B, T)}")
         adv = (adv[:, None].expand(B, T) if adv.dim() == 1 else adv).float().to(self.mask.device)
+        if self.advantage_override is not None:             # a rollout structure fixed some rows' advantage (AEPO: +1)
+            o = self.advantage_override.float().to(adv.device)
+            adv = torch.where(torch.isfinite(o)[:, None], o[:, None].expand(B, T), adv)
         if not torch.isfinite(adv[self.mask]).all():
             raise ValueError("advantages have NaN/inf on valid tokens")
         self.advantages = torch.where(self.mask, adv, torch.zeros((), device=adv.device))
@@ -537,7 +578,8 @@ def _take_groups(parts: list, group_size: int, pad_id: int) -> dict:
     """Concatenate the kept groups of several rollouts: prompts left-padded, responses right-padded to one width.
     `parts`: (RolloutBatch, problems, scores, rewards, keep [groups] bool)."""
     P = max(p[0].prompt_ids.shape[1] for p in parts); T = max(p[0].response_ids.shape[1] for p in parts)
-    out = {k: [] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "sample_logp", "scores", "rewards")}
+    out = {k: [] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "sample_logp", "scores", "rewards",
+                           "advantage_override")}
     out["texts"], out["problems"] = [], []
     for rb, problems, scores, rewards, keep in parts:
         rows = keep.repeat_interleave(group_size).nonzero().squeeze(-1)
@@ -547,6 +589,8 @@ def _take_groups(parts: list, group_size: int, pad_id: int) -> dict:
         out["response_mask"].append(_pad_rows(rb.response_mask[rows], T, False))
         out["sample_logp"].append(_pad_rows(rb.sampling_logprobs.float()[rows], T, 0.0))
         out["scores"].append(scores[rows]); out["rewards"].append(rewards[rows])
+        o = rb.advantage_override
+        out["advantage_override"].append(o[rows].float() if o is not None else torch.full((len(rows),), float("nan")))
         out["texts"] += [rb.texts[i] for i in rows.tolist()]
         out["problems"] += [problems[g] for g in keep.nonzero().squeeze(-1).tolist()]
     return {k: (torch.cat(v) if k not in ("texts", "problems") else v) for k, v in out.items()}
@@ -602,29 +646,35 @@ class StepPipeline:
         problems = _sample_problems(self.task, c.prompts_per_step, "train", seed=c.seed * 1_000_003 + step + r * 1_000_000_007)
         seeds = [_round_seed(base, r) * 1_000_003 + i for i in range(c.prompts_per_step)]
         problems, seeds = problems[self.groups], seeds[self.groups]          # whole groups per process
-        rb = self.engine.generate(_prompts(self.tokenizer, problems, self.task), num_samples=c.group_size,
-                                  max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seeds,
-                                  sampler=c.sampler, sampler_options=c.sampler_options)
+        grade = self.reward_fn or self.task.reward
+        tools = dict(tokenizer=self.tokenizer, model=self.unwrapped, step=step,
+                     grade=lambda texts, idx: torch.tensor([float(grade(t, problems[i])) for t, i in zip(texts, idx)]))
+        gen = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seeds,
+                   sampler=c.sampler, sampler_options=c.sampler_options,
+                   **self._state_kw("sampler", c.sampler, "sampler_state"))
+        rb, extras = ROLLOUTS.get(c.rollout_structure).fn(self.engine, _prompts(self.tokenizer, problems, self.task),
+                                                          c.group_size, gen, tools, **c.rollout_structure_options,
+                                                          **self._state_kw("rollout_structure", c.rollout_structure))
         gids = rb.group_ids.tolist() if torch.is_tensor(rb.group_ids) else list(rb.group_ids)
         if gids != [i // c.group_size for i in range(len(gids))]:
             raise RuntimeError("rollout groups must be contiguous (prompt i → rows i*G..i*G+G-1)")
+        shaping = dict(extras.get("metrics", {}))
         if self.reward_fn is None and hasattr(self.task, "grade_group"):   # a group grade (e.g. the label-free vote)
             G = c.group_size
             graded = [self.task.grade_group(rb.texts[g * G:(g + 1) * G], p) for g, p in enumerate(problems)]
             scores = torch.tensor([s for r, _ in graded for s in r], dtype=torch.float32)
-            shaping = {k: sum(m[k] for _, m in graded) / len(graded) for k in graded[0][1]} if graded else {}
+            shaping.update({k: sum(m[k] for _, m in graded) / len(graded) for k in graded[0][1]} if graded else {})
         else:
-            grade = self.reward_fn or self.task.reward
             scores = torch.tensor([float(grade(t, problems[g])) for t, g in zip(rb.texts, gids)], dtype=torch.float32)
-            shaping = {}
         view = {"lengths": rb.response_mask.sum(-1), "mask": rb.response_mask, "scores": scores, "texts": rb.texts,
                 "response_ids": rb.response_ids, "max_new_tokens": c.max_new_tokens, "group_size": c.group_size,
                 "tokenizer": self.tokenizer, **{k: getattr(rb, k, None) for k in ROLLOUT_FIELDS}}
         rewards = scores.clone()
         for name, opts in c.reward_shaping_options.items():
-            rewards, m = REWARD_SHAPERS.get(name).fn(rewards, view, **opts)
+            rewards, m = REWARD_SHAPERS.get(name).fn(rewards, view, **opts, **self._state_kw("reward_shaping", name))
             shaping.update(m)
-        keep = (GROUP_FILTERS.get(c.group_filter).fn(rewards, c.group_size, view, **c.group_filter_options)
+        keep = (GROUP_FILTERS.get(c.group_filter).fn(rewards, c.group_size, view, **c.group_filter_options,
+                                                     **self._state_kw("group_filter", c.group_filter))
                 if c.group_filter else torch.ones(len(problems), dtype=torch.bool))
         return (rb, problems, scores, rewards, keep.bool().cpu()), shaping
 
@@ -664,7 +714,9 @@ class StepPipeline:
                           attn=torch.cat([t["prompt_mask"], t["response_mask"]], 1).long().to(dev),
                           mask=t["response_mask"].bool().to(dev), sample_logp=t["sample_logp"].to(dev),
                           scores=t["scores"].to(dev), rewards=t["rewards"].to(dev), group_size=c.group_size,
-                          max_new_tokens=c.max_new_tokens, step=step + 1, texts=t["texts"])
+                          max_new_tokens=c.max_new_tokens, step=step + 1, texts=t["texts"],
+                          advantage_override=(t["advantage_override"].to(dev) if t["advantage_override"].isfinite().any()
+                                              else None))
         return batch.validate(), sampling
 
     def _sampling_metrics(self, parts: list, shaping: list, rounds: int, drawn: int, kept: int) -> dict:
@@ -683,8 +735,14 @@ class StepPipeline:
 
     # ---- score: the old policy, and what the stages declared ---------------------------------------------------
     def _minibatch_orders(self, B: int) -> list:
-        c = self.config
-        return [torch.randperm(B, generator=self.generators["shuffle"]) if c.minibatches > 1 else torch.arange(B)
+        """One row order per epoch; minibatches are its consecutive slices. `minibatch_split="groups"` shuffles whole
+        groups (each minibatch holds all G samples of its prompts, so their prompt forward is shared), "rows" rows."""
+        c, G = self.config, self.config.group_size
+        if c.minibatches == 1:
+            return [torch.arange(B) for _ in range(c.epochs_per_step)]
+        if c.minibatch_split == "rows":
+            return [torch.randperm(B, generator=self.generators["shuffle"]) for _ in range(c.epochs_per_step)]
+        return [(torch.randperm(B // G, generator=self.generators["shuffle"])[:, None] * G + torch.arange(G)).flatten()
                 for _ in range(c.epochs_per_step)]
 
     def _score(self, batch: StepBatch, first_minibatch: torch.Tensor) -> None:
@@ -699,7 +757,7 @@ class StepPipeline:
         for_values = set().union(*[RUN_VALUES.get(n).needs_for(o) for n, o in pending.items()])
         quantities = sorted(n for n in self.quantities if not QUANTITIES.get(n).meta.get("grad") or n in for_values)
         rows = torch.ones(B, dtype=torch.bool)
-        if not early and not quantities:
+        if not early and not quantities and not self._observers:
             rows[first_minibatch] = False
         rows = rows.nonzero().squeeze(-1)
         self._old_scored = len(rows) == B
@@ -712,21 +770,29 @@ class StepPipeline:
                 batch.quantities = self._quantities(batch, quantities, chunks)
             if "ref_logp" in needs["loss"]:
                 batch.ref_logp = self._reference_logp(batch, chunks or [torch.arange(B)])
-        if pending:
-            self._take_run_values(batch, pending)
+        if pending or self._observers:
+            view = self._gathered_view(batch)
+            if pending:
+                self._take_run_values(batch, pending, view)
+            self._observe(view)
         if "segment_ids" in set().union(*needs.values()):
             from entropy_rl.ratios import delimiter_ids_from_tokenizer, segment_ids_from_delimiters
             if getattr(self, "_delimiters", None) is None:
                 self._delimiters = delimiter_ids_from_tokenizer(self.tokenizer)
             batch.segment_ids = segment_ids_from_delimiters(batch.response_ids, self._delimiters, batch.mask)
 
-    def _take_run_values(self, batch: StepBatch, pending: dict) -> None:
-        "The run values not taken yet, from this step's whole batch (every process's rows)."
+    def _gathered_view(self, batch: StepBatch) -> dict:
+        """The step's rows of every process by name, after the score phase: what run values and stage observers read
+        (mask, lengths, scores, rewards, entropy, old_logp, the per-token quantities, group_size, step)."""
         width = int(all_reduce(torch.tensor(batch.mask.shape[1], device=self.accelerator.device), "max"))
         g = lambda x, pad=0: gather_rows(x, width, pad) if torch.is_tensor(x) and x.dim() in (1, 2) else x
-        view = {"mask": g(batch.mask, False), "lengths": g(batch.lengths), "scores": g(batch.scores),
-                "entropy": g(batch.entropy), "old_logp": g(batch.old_logp), "step": batch.step,
-                **{n: g(q) for n, q in batch.quantities.items()}}
+        return {"mask": g(batch.mask, False), "lengths": g(batch.lengths), "scores": g(batch.scores),
+                "rewards": g(batch.rewards), "entropy": g(batch.entropy), "old_logp": g(batch.old_logp),
+                "step": batch.step, "group_size": batch.group_size, **{n: g(q) for n, q in batch.quantities.items()}}
+
+    def _take_run_values(self, batch: StepBatch, pending: dict, view: dict | None = None) -> None:
+        "The run values not taken yet, from this step's whole batch (every process's rows: `_gathered_view`)."
+        view = self._gathered_view(batch) if view is None else view
         for n, o in pending.items():
             self.run_values[n] = float(RUN_VALUES.get(n).fn(view, **o))
 
@@ -737,7 +803,7 @@ class StepPipeline:
         with torch.no_grad(), self.accelerator.autocast(), self._full_params():
             for i in chunks:
                 i = i.to(dev)
-                args = (batch.ids[i], batch.attn[i], batch.mask[i], c.temperature, c.fused)
+                args = (batch.ids[i], batch.attn[i], batch.mask[i], c.temperature, c.fused, None, c.share_prompts)
                 if self.reference is None:                          # LoRA: the base model is the reference
                     with self.unwrapped.disable_adapter():
                         out[i] = policy_logprobs_and_entropy(self.unwrapped, *args)[0]
@@ -755,7 +821,7 @@ class StepPipeline:
             head = self.unwrapped.get_output_embeddings().weight
             for i in chunks:
                 i = i.to(dev)
-                hidden = _response_hidden(self.unwrapped, batch.ids[i], batch.attn[i], T)
+                hidden = _response_hidden(self.unwrapped, batch.ids[i], batch.attn[i], T, c.share_prompts)
                 flat = hidden.reshape(-1, hidden.shape[-1])
                 labels = batch.response_ids[i].masked_fill(~batch.mask[i], -100).reshape(-1)
                 for n in names:
@@ -764,10 +830,30 @@ class StepPipeline:
                     out[n][i] = torch.where(batch.mask[i], q.view(len(i), T).float(), torch.zeros((), device=dev))
         return out
 
+    # ---- stage state (chapter 04a): controllers that remember across steps ------------------------------------
+    def _initial_stage_states(self) -> dict:
+        "A fresh state for every selected entry that declares one, keyed \"<config key>/<name>\"."
+        return {stage_key(k, e.name): e.initial_state(o) for k, e, o in _stage_entries(self.config) if e.has_state}
+
+    def _state_kw(self, config_key: str, name: str, keyword: str = "state") -> dict:
+        "{keyword: the entry's state} when it keeps one, else {} (a stateless entry is called as before)."
+        key = stage_key(config_key, name)
+        return {keyword: self.stage_states[key]} if key in self.stage_states else {}
+
+    def _observe(self, view: dict) -> None:
+        "Each stateful entry's observer, once per step, on every process's rows (so the states agree everywhere)."
+        for k, e, o in self._observers:
+            e.observe(self.stage_states[stage_key(k, e.name)], view, o)
+
+    def _checked_stage_states(self) -> dict:
+        "The stage states, each checked loadable by `torch.load(weights_only=True)` (else ValueError naming it)."
+        return {k: check_state(s, k) for k, s in self.stage_states.items()}
+
     # ---- advantages ------------------------------------------------------------------------------------------
     def _advantages(self, batch: StepBatch) -> torch.Tensor:
         c = self.config
-        return ADVANTAGES.get(c.advantage).fn(batch.rewards, c.group_size, batch, **c.advantage_options)
+        return ADVANTAGES.get(c.advantage).fn(batch.rewards, c.group_size, batch, **c.advantage_options,
+                                              **self._state_kw("advantage", c.advantage))
 
     # ---- update ------------------------------------------------------------------------------------------------
     def _loss_inputs(self, batch: StepBatch, micro, H: torch.Tensor, current: dict) -> dict:
@@ -779,8 +865,10 @@ class StepPipeline:
         if "ref_logp" in need: out["ref_logp"] = batch.ref_logp[micro]
         if "segment_ids" in need: out["segment_ids"] = batch.segment_ids[micro]
         if "generator" in need: out["generator"] = self.generators["loss"]
-        if batch.quantities or current or self.run_values:
-            out["inputs"] = {**{n: q[micro] for n, q in batch.quantities.items()}, **current, **self.run_values}
+        inputs = {**{n: q[micro] for n, q in batch.quantities.items()}, **current, **self.run_values}
+        if "group_pass_rate" in need: inputs["group_pass_rate"] = batch.group_pass_rate[micro]
+        if inputs: out["inputs"] = inputs
+        if self.stage_states: out["states"] = self.stage_states
         if self.config.tis_cap is not None:
             out["token_weights"] = tis_weights(batch.old_logp[micro], batch.sample_logp[micro], batch.mask[micro],
                                                self.config.tis_cap)
@@ -866,12 +954,21 @@ def _stage_rows(config: TrainConfig) -> list:
     from entropy_rl.losses import LOSSES
     regs = {**config.regularizers, **({"kl": {}} if config.kl_coef else {}),
             **({"entropy": {}} if config.loss_options.get("entropy_coef") else {})}
-    return [("sampler", "sampler", SAMPLERS, {config.sampler}),
+    return [("rollout structure", "rollout_structure", ROLLOUTS, {config.rollout_structure}),
+            ("sampler", "sampler", SAMPLERS, {config.sampler}),
             ("reward shapers", "reward_shaping", REWARD_SHAPERS, set(config.reward_shaping)),
             ("group filter", "group_filter", GROUP_FILTERS, {config.group_filter} - {None}),
             ("advantages", "advantage", ADVANTAGES, {config.advantage}),
             ("loss", "algo", LOSSES, {config.algo}),
             ("regularizers", "regularizers", REGULARIZERS, set(regs))]
+
+def _stage_entries(config: TrainConfig) -> list:
+    "(config key, registry entry, its options) of every selected stage entry, in the order a step runs them."
+    opts = {"rollout_structure": lambda n: config.rollout_structure_options, "sampler": lambda n: config.sampler_options, "reward_shaping": lambda n: config.reward_shaping_options.get(n, {}),
+            "group_filter": lambda n: config.group_filter_options, "advantage": lambda n: config.advantage_options,
+            "algo": lambda n: config.loss_options,
+            "regularizers": lambda n: config.regularizers.get(n) or REGULARIZERS.resolve(n, {})}
+    return [(key, reg.get(n), dict(opts[key](n))) for _, key, reg, on in _stage_rows(config) for n in sorted(on)]
 
 def plot_pipeline(config: TrainConfig | dict | None = None):
     "The step's stages left to right, each with its registered entries; the config's choices highlighted."
@@ -1011,6 +1108,8 @@ class Trainer(StepPipeline):
         self.needs = c.needs()
         self.quantities = c.quantity_options()      # {name: options}: the per-token quantities the stages declared
         self.run_values = {}                         # RUN_VALUES taken at the run's first step (checkpointed)
+        self.stage_states = self._initial_stage_states()   # {"<config key>/<name>": state} (chapter 04a; checkpointed)
+        self._observers = [(k, e, o) for k, e, o in _stage_entries(c) if "observe" in e.meta]
         # the frozen reference of the KL term: the initial weights (with LoRA, the base model with the adapter off)
         self.reference = None
         if "ref_logp" in self.needs["loss"] and not c.lora_rank:
@@ -1021,7 +1120,7 @@ class Trainer(StepPipeline):
         total = c.steps * c.epochs_per_step * c.minibatches
         # the scheduler stays outside accelerate.prepare: its wrapper steps W times per call in W processes
         self.scheduler = _scheduler(optimizer, c, total)
-        self.model, self.optimizer = self.accelerator.prepare(PolicyScorer(model, c.temperature, c.fused), optimizer)
+        self.model, self.optimizer = self.accelerator.prepare(PolicyScorer(model, c.temperature, c.fused, c.share_prompts), optimizer)
         if self.reference is not None:
             self.reference.to(self.accelerator.device)
         if is_fsdp1(self.model):
@@ -1059,6 +1158,7 @@ class Trainer(StepPipeline):
         """The trainable weights and the optimizer state, keyed by parameter name (`full_state`; gathered to process 0
         under FSDP, a collective); process 0 writes the checkpoint, holding the run directory's lock; every process waits."""
         self._hold_lock()
+        stage_states = self._checked_stage_states()      # refused before anything is written
         model_state, optimizer_state = full_state(self.model, self.optimizer.optimizer, frozen=False)
         out = None
         if self.is_main:
@@ -1066,7 +1166,7 @@ class Trainer(StepPipeline):
             out = save_checkpoint(self.run_dir, step, self.unwrapped, self.optimizer, self.scheduler,
                                   self.generators, self.config, keep=self.config.keep_checkpoints,
                                   weights=weights, optimizer_state=optimizer_state,
-                                  extra={"run_values": dict(self.run_values)})
+                                  extra={"run_values": dict(self.run_values), "stage_states": stage_states})
         self.accelerator.wait_for_everyone()
         return out
 
@@ -1164,6 +1264,8 @@ class Trainer(StepPipeline):
                 self.step = load_checkpoint(ck, self.unwrapped, self.optimizer, self.scheduler, self.generators,
                                             self.config, restore=self._restore, loaded=(state, weights))
                 self.run_values = {k: float(v) for k, v in state.get("extra", {}).get("run_values", {}).items()}
+                saved = state.get("extra", {}).get("stage_states", {})
+                self.stage_states.update({k: saved[k] for k in self.stage_states if k in saved})
             self.accelerator.wait_for_everyone()
             if self.is_main:
                 for p in set_aside(self._damaged):

@@ -103,15 +103,29 @@ def test_riskpo_sweep_credit_conserves_the_paper_advantage():
     torch.testing.assert_close(ae.riskpo_advantages(R, 4, credit="uniform"), a.float())
 
 
-def test_riskpo_tracker_state_is_per_setting_and_reset():
-    ae.reset_riskpo_trackers()
-    o = ADVANTAGES.resolve("riskpo", {"reading": "track"})
-    R = torch.tensor([1.0, 0, 1, 0, 1, 1, 0, 0])
-    ADVANTAGES.get("riskpo").fn(R, 4, {}, **o)
-    ADVANTAGES.get("riskpo").fn(R, 4, {}, **{**o, "beta": 0.9})
-    assert set(ae.RISKPO_TRACKERS) == {(0.2, 0.8, 0.1), (0.2, 0.9, 0.1)}
-    ae.reset_riskpo_trackers()
-    assert not ae.RISKPO_TRACKERS
+def test_riskpo_track_state_is_per_run_observed_checkpointed_and_resumed(tmp_path):
+    "The tracker is the trainer's stage state: fresh per run, folded in once per step, restored exactly on resume."
+    from entropy_rl.trainer import Trainer
+    from test_trainer import strip_timing
+    kw = dict(TINY, advantage="riskpo", advantage_options={"reading": "track", "bundle_size": 1})
+    full = Trainer(dict(kw, steps=3, output_dir=str(tmp_path / "full")), reward_fn=odd_length)
+    seen, orig = [], full._observe
+    full._observe = lambda view: (seen.append(view["rewards"].clone()), orig(view))
+    m_full = full.train().metrics
+    state = full.stage_states["advantage/riskpo"]
+    # independent: with one prompt per bundle the papers are the responses, S = the rewards; the tracker starts at the
+    # first step's (0.2, 0.8) quantiles and moves by 0.1 (α − share below) after
+    q = torch.quantile(seen[0].double(), torch.tensor([0.2, 0.8], dtype=D))
+    for r in seen[1:]:
+        q = q + 0.1 * (torch.tensor([0.2, 0.8], dtype=D) - (r.double()[None, :] < q[:, None]).double().mean(1))
+    assert len(seen) == 3
+    torch.testing.assert_close(torch.tensor(state["tracked"], dtype=D), q)
+    Trainer(dict(kw, steps=1, output_dir=str(tmp_path / "split")), reward_fn=odd_length).train()
+    split = Trainer(dict(kw, steps=3, output_dir=str(tmp_path / "split")), reward_fn=odd_length)
+    assert strip_timing(split.train().metrics) == strip_timing(m_full)
+    assert split.stage_states["advantage/riskpo"] == state
+    assert Trainer(dict(kw, steps=3, output_dir=str(tmp_path / "other")),
+                   reward_fn=odd_length).stage_states["advantage/riskpo"] == {"tracked": None, "q": None}
 
 
 # ---- one training step on the tiny model ------------------------------------------------------------------------------
@@ -119,11 +133,9 @@ def test_riskpo_tracker_state_is_per_setting_and_reset():
                                                 ("canon", {"schedule": "annel"}), ("riskpo", {}),
                                                 ("riskpo", {"reading": "track", "credit": "std", "nu": 1.0})])
 def test_estimators_train_one_step(tmp_path, advantage, options):
-    ae.reset_riskpo_trackers()
     res = train(steps=2, output_dir=str(tmp_path / advantage), **TINY, advantage=advantage, advantage_options=options,
                 reward_fn=odd_length)
     assert all(m["grad_norm"] > 0 for m in res.metrics)
-    ae.reset_riskpo_trackers()
 
 
 def test_canon_step_schedule_reads_the_step_from_the_batch(tmp_path):

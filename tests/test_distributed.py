@@ -32,6 +32,9 @@ CONFIGS = {
     "tis": dict(algo="dapo", tis_cap=2.0),
     # the pipeline's stages (issue 15): another estimator, a reward shaper, the reference KL
     "stages": dict(algo="dapo", advantage="rloo", reward_shaping=["overlong"], kl_coef=0.05),
+    "cure": dict(algo="grpo", rollout_structure="cure", rollout_structure_options={"n2": 1, "min_token_chars": 1}),
+    "eb_tree": dict(algo="grpo", rollout_structure="eb_tree", rollout_structure_options={"branch_probability": 0.1,
+                                                                                         "segment_tokens": 2}),
     "kl_cov_local": dict(algo="kl_cov", loss_options={"k": 0.2}, batch_scope="local"),   # per-process statistics
 }
 GLOBAL = [n for n in CONFIGS if CONFIGS[n].get("batch_scope") != "local"]

@@ -10,7 +10,7 @@ import torch
 
 from entropy_rl.advantages import list_advantages, list_group_filters, list_reward_shapers
 from entropy_rl.losses import list_regularizers
-from entropy_rl.rollout import list_samplers
+from entropy_rl.rollout import list_rollouts, list_samplers
 from entropy_rl.trainer import (TrainConfig, Trainer, list_recipes, load_recipe, read_metrics, reduce_update_metrics,
                                 train)
 
@@ -22,15 +22,14 @@ def _finite_core(m):
         assert k in m and math.isfinite(m[k]), (k, m.get(k))
 
 
-STAGE_CASES = ([("sampler", n) for n in list_samplers()] + [("reward_shaping", n) for n in list_reward_shapers()]
+STAGE_CASES = ([("rollout_structure", n) for n in list_rollouts()] + [("sampler", n) for n in list_samplers()] + [("reward_shaping", n) for n in list_reward_shapers()]
                + [("group_filter", n) for n in list_group_filters()] + [("advantage", n) for n in list_advantages()]
                + [("regularizer", n) for n in list_regularizers()])
 
 
 # entries whose defaults need a value the trainer does not compute yet: the option that makes them trainable, or None
 # when no option does (then the config is refused up front, naming what is missing)
-NOT_PROVIDED = {
-                "ares_kl": None}               # needs ARES's per-sequence adaptive beta (controller state, not wired)
+NOT_PROVIDED: dict = {}
 
 
 @pytest.mark.parametrize("stage,name", STAGE_CASES)
@@ -38,6 +37,10 @@ def test_every_registered_stage_entry_trains_one_step(tmp_path, stage, name):
     kw = dict(TINY, minibatches=2, reward_fn=odd_length)
     if stage == "reward_shaping":
         kw["reward_shaping"] = [name]
+    elif stage == "rollout_structure":   # CURE: two originals per group (one alone has no signal at 4 tokens), char tokens
+        kw.update(rollout_structure=name, rollout_structure_options={"cure": {"n2": 1, "min_token_chars": 1},
+                                                                     "aepo": {"prompt_frac": 1.0},
+                                                                     "eb_tree": {"branch_probability": 0.1}}.get(name, {}))
     elif stage == "regularizer":
         kw["regularizers"] = {name: {"coef": 0.1}}
         if name in NOT_PROVIDED:
@@ -210,9 +213,9 @@ def test_a_run_value_is_taken_at_the_first_step_kept_and_resumed(tmp_path):
     captured = {}
     orig = t._take_run_values
 
-    def spy(batch, pending):
+    def spy(batch, pending, *view):
         captured["batch"] = batch
-        orig(batch, pending)
+        orig(batch, pending, *view)
     t._take_run_values = spy
     m = t.train().metrics[0]
     b = captured["batch"]                                   # independent: the initial weights on step 1's batch
@@ -238,3 +241,80 @@ def test_evaluate_refuses_zero_problems_before_sampling():
     from entropy_rl.trainer import evaluate
     with pytest.raises(ValueError, match="n_problems must be a positive integer"):
         evaluate(None, None, None, n_problems=0)
+
+
+def test_cure_rollouts_resume_exactly_and_keep_prefixes_out_of_the_loss(tmp_path):
+    "CURE's branching: resume = uninterrupted (every draw derives from per-prompt seeds); a branch trains only its continuation."
+    kw = dict(TINY, rollout_structure="cure", rollout_structure_options={"n2": 1, "min_token_chars": 1}, minibatches=2,
+              reward_fn=odd_length)
+    full = train(steps=3, output_dir=str(tmp_path / "full"), **kw).metrics
+    train(steps=1, output_dir=str(tmp_path / "split"), **kw)
+    resumed = train(steps=3, output_dir=str(tmp_path / "split"), **kw).metrics
+    assert strip_timing(full) == strip_timing(resumed)
+    assert all(m["cure/stage"] == 1.0 for m in full) and min(m["cure/fresh_frac"] for m in full) < 1   # it branched
+    t = Trainer(dict(TINY, rollout_structure="cure", rollout_structure_options={"n2": 1, "min_token_chars": 1},
+                     output_dir=str(tmp_path / "t")), reward_fn=odd_length)
+    batch, _ = t._rollout(0)
+    G, P, branched = 4, batch.ids.shape[1] - batch.mask.shape[1], 0
+    for g in range(len(batch) // G):
+        for b in range(2):                        # rows 2, 3 of a group branch from originals 0, 1
+            orig, row = g * G + b, g * G + 2 + b
+            p_orig = batch.ids[orig, :P][batch.attn[orig, :P].bool()].tolist()
+            p_row = batch.ids[row, :P][batch.attn[row, :P].bool()].tolist()
+            prefix = p_row[len(p_orig):]
+            assert p_row[:len(p_orig)] == p_orig and prefix == batch.ids[orig, P:P + len(prefix)].tolist()
+            branched += bool(prefix)
+            assert batch.mask[row].sum() >= 1   # the loss sees the continuation only: the prefix sits in the prompt
+    assert branched > 0
+
+
+def test_cure_stage_two_is_plain_sampling(tmp_path):
+    m = train(steps=2, output_dir=str(tmp_path / "r"), **TINY, rollout_structure="cure",
+              rollout_structure_options={"n2": 1, "stage1_steps": 1}, reward_fn=odd_length).metrics
+    assert [x["cure/stage"] for x in m] == [1.0, 2.0]
+
+
+def test_aepo_rows_train_with_advantage_plus_one(tmp_path):
+    "AEPO's kept hot samples replace main rows and carry advantage +1 on every token; the others keep the estimator's."
+    t = Trainer(dict(TINY, rollout_structure="aepo", rollout_structure_options={"prompt_frac": 1.0, "reinforce_samples": 8},
+                     output_dir=str(tmp_path / "t")), reward_fn=odd_length)
+    for step in range(4):                        # until some row was replaced
+        batch, sampling = t._rollout(step)
+        if sampling["aepo/replaced"] > 0:
+            break
+    assert sampling["aepo/replaced"] > 0 and sampling["aepo/temperature"] == 1.2   # h_prev starts at 0: hot
+    rows = torch.isfinite(batch.advantage_override)
+    assert int(rows.sum()) == int(sampling["aepo/replaced"])   # one round, one process: the count
+    batch.set_advantages(torch.zeros(len(batch)))
+    assert torch.all(batch.advantages[rows][batch.mask[rows]] == 1.0)
+    assert torch.all(batch.advantages[~rows] == 0.0)
+
+
+def test_eb_tree_rollouts_resume_exactly(tmp_path):
+    kw = dict(TINY, group_size=4, rollout_structure="eb_tree", max_new_tokens=6,
+              rollout_structure_options={"segment_tokens": 2, "branch_probability": 0.1}, reward_fn=odd_length)
+    full = train(steps=2, output_dir=str(tmp_path / "full"), **kw).metrics
+    train(steps=1, output_dir=str(tmp_path / "split"), **kw)
+    resumed = train(steps=2, output_dir=str(tmp_path / "split"), **kw).metrics
+    assert strip_timing(full) == strip_timing(resumed)
+    assert sum(m["eb/branches"] for m in full) > 0
+
+
+def test_aepo_controller_state_reads_the_last_step_and_resumes(tmp_path):
+    "H_prev starts at 0 (the first step heats), then is the last batch's sampled-token NLL; checkpointed with the run."
+    kw = dict(TINY, rollout_structure="aepo", rollout_structure_options={"prompt_frac": 1.0, "target_entropy": 2.0},
+              reward_fn=odd_length)
+    full = train(steps=3, output_dir=str(tmp_path / "full"), **kw).metrics
+    assert full[0]["aepo/h_prev"] == 0.0 and full[0]["aepo/temperature"] == 1.2
+    for prev, m in zip(full, full[1:]):
+        assert m["aepo/h_prev"] > 0
+        assert m["aepo/temperature"] == (1.2 if m["aepo/h_prev"] <= 2.0 else 0.8)
+    train(steps=1, output_dir=str(tmp_path / "split"), **kw)
+    resumed = train(steps=3, output_dir=str(tmp_path / "split"), **kw).metrics
+    assert strip_timing(full) == strip_timing(resumed)
+
+
+def test_aepo_paper_reading_reads_the_last_steps_entropy(tmp_path):
+    m = train(steps=2, output_dir=str(tmp_path / "p"), **TINY, reward_fn=odd_length, rollout_structure="aepo",
+              rollout_structure_options={"reading": "paper"}).metrics
+    assert m[1]["aepo/h_prev"] == pytest.approx(m[0]["entropy"], rel=1e-5)   # the old policy's token-mean entropy

@@ -54,7 +54,8 @@ def test_steer_omega_refuses_bad_input_and_ignores_masked_nan():
 
 @pytest.mark.parametrize("bad, words", [(dict(mode="soft"), "mode"), (dict(w_min=0.0), "0 < w_min"),
                                         (dict(w_min=0.9, w_max=0.8, mode="linear"), "w_min <= w_max"),
-                                        (dict(w_max=1.2), "exp mode"), (dict(w_min=1.1, w_max=1.1), "exp mode")])
+                                        (dict(w_max=1.2), "exp mode"), (dict(w_min=1.1, w_max=1.1), "exp mode"),
+                                        (dict(reading="paper"), "reading must be one of")])
 def test_steer_bad_options_are_refused_at_config_time(bad, words):
     with pytest.raises(ValueError, match=words):
         check_loss_options("steer", bad)
@@ -173,7 +174,7 @@ def test_hapo_gradient_matches_finite_differences(reading):
 
 # ---- one training step on the tiny model ------------------------------------------------------------------------------
 @pytest.mark.parametrize("algo, options", [("steer", {}), ("steer", {"mode": "linear", "w_min": 0.8, "w_max": 1.2}),
-                                           ("hapo", {}), ("hapo", {"reading": "paper"})])
+                                           ("steer", {"reading": "first_order"}), ("hapo", {}), ("hapo", {"reading": "paper"})])
 def test_losses_train_one_step(tmp_path, algo, options):
     res = train(steps=1, output_dir=str(tmp_path / algo), **{**TINY, "minibatches": 2}, algo=algo,
                 loss_options=options, reward_fn=odd_length)
@@ -211,3 +212,64 @@ def test_steer_old_entropy_is_a_tensor_input_not_a_setting():
     lp, olp, H, adv, m = _batch(4)
     with pytest.raises(ValueError, match="per-call input"):
         policy_loss("steer", lp, olp, adv, m, old_entropy=H[:, :2])
+
+
+# ---- STEER's first-order reading: the π² term from the hidden states ----------------------------------------------------
+def test_steer_pi2_term_from_the_trainer_matches_full_float64_logits(tmp_path):
+    "The old-policy pass computes steer_pi2_term chunked; against Σ π²(log π + H) of the model's own full logits in float64."
+    from entropy_rl.trainer import Trainer, _response_hidden
+    t = Trainer(dict(TINY, algo="steer", loss_options={"reading": "first_order"}, steps=1, output_dir=str(tmp_path)),
+                reward_fn=odd_length)
+    assert t.quantities == {"steer_pi2_term": {"chunk_size": 256}}
+    t0 = {k: v.clone() for k, v in t.unwrapped.state_dict().items()}
+    captured, orig = {}, t._quantities
+    t._quantities = lambda batch, names, chunks: captured.setdefault("q", (batch, orig(batch, names, chunks)))[1]
+    m = t.train().metrics[0]
+    batch, q = captured["q"]
+    t.unwrapped.load_state_dict(t0)
+    with torch.no_grad():
+        h = _response_hidden(t.unwrapped, batch.ids, batch.attn, batch.mask.shape[1]).double()
+        P = torch.softmax(h @ t.unwrapped.get_output_embeddings().weight.double().T, -1)
+        H = -(P * P.log()).sum(-1, keepdim=True)
+        want = torch.where(batch.mask, (P * P * (P.log() + H)).sum(-1), 0.0)
+    torch.testing.assert_close(q["steer_pi2_term"].double(), want, atol=1e-6, rtol=1e-5)
+    assert m["grad_norm"] > 0 and math.isfinite(m["steer/w_mean"])
+
+
+def test_steer_first_order_loss_against_a_naive_float64_form():
+    "Weights from |Ω_fo| (exp mode) of the call's valid tokens; loss and gradient against a token-by-token float64 form."
+    g = torch.Generator().manual_seed(7)
+    Z = torch.randn(2, 4, 6, generator=g, dtype=D)                  # old-policy logits at 8 positions over 6 actions
+    y = torch.randint(0, 6, (2, 4), generator=g)
+    P = torch.softmax(Z, -1)
+    olp = P.log().gather(-1, y[..., None])[..., 0]
+    H = -(P * P.log()).sum(-1)
+    pi2 = rw.steer_pi2_rows(Z)
+    lp = (olp + 0.1 * torch.randn(2, 4, generator=g, dtype=D)).requires_grad_()
+    adv = torch.tensor([1.0, -0.5], dtype=D)
+    m = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    loss, met = policy_loss("steer", lp, olp, adv, m, old_entropy=H, reading="first_order", steer_pi2_term=pi2)
+    om = {}
+    for b in range(2):
+        for t in range(4):
+            if m[b, t]:
+                r = math.exp(lp[b, t].item() - olp[b, t].item())
+                om[b, t] = abs(rw.steer_first_order(P[b, t], int(y[b, t]), adv[b].item(), r))
+    k = -math.log(0.8) / max(max(om.values()), 0.02)
+    total = 0.0
+    for (b, t), o in om.items():
+        ratio, a = torch.exp(lp[b, t] - olp[b, t]), adv[b].item()
+        surr = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.28) * a)
+        if a < 0:
+            surr = torch.minimum(surr, torch.tensor(-a * 10.0, dtype=D))
+        total = total + min(max(math.exp(-k * o), 0.8), 1.0) * surr
+    naive = total / len(om)
+    assert abs(loss.item() - naive.item()) < 1e-12
+    g1, = torch.autograd.grad(loss, lp)
+    g2, = torch.autograd.grad(naive, lp)
+    torch.testing.assert_close(g1, g2, atol=1e-12, rtol=0)
+    assert (g1[~m] == 0).all()
+    code = policy_loss("steer", lp, olp, adv, m, old_entropy=H)[1]
+    assert code["steer/w_mean"] != met["steer/w_mean"]              # the two readings weigh differently
+    with pytest.raises(ValueError, match="steer_pi2_term"):
+        policy_loss("steer", lp, olp, adv, m, old_entropy=H, reading="first_order")

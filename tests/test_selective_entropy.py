@@ -398,11 +398,12 @@ def test_ares_kl_against_naive_with_masked_garbage_and_needs():
     lp = (-2 * torch.rand(3, 9, generator=g, dtype=F64)).requires_grad_()
     ref = -2 * torch.rand(3, 9, generator=g, dtype=F64)
     M = torch.rand(3, 9, generator=g) > 0.3
-    beta = se.ares_sequence_beta({"beta": {"easy": 2.0, "medium": 1.0, "hard": 0.5}}, ["easy", "medium", "hard"])
-    B = beta[:, None].expand(3, 9).clone()
+    rate = torch.tensor([1.0, 0.5, 0.0], dtype=F64)[:, None].expand(3, 9)          # easy, medium, hard
+    state = {**se.ares_kl_state(), "beta": {"easy": 2.0, "medium": 1.0, "hard": 0.5}}
+    beta = torch.tensor([2.0, 1.0, 0.5], dtype=F64)
     loss, met = policy_loss("grpo", lp.masked_fill(~M, float("nan")), lp.detach(), torch.zeros(3, dtype=F64), M,
                             ref_logp=ref.masked_fill(~M, float("inf")), regularizers={"ares_kl": {"coef": 1.0}},
-                            inputs={"ares_beta": B.masked_fill(~M, float("nan"))})
+                            inputs={"group_pass_rate": rate}, states={"regularizers/ares_kl": state})
     d = ref - lp
     naive = (beta[:, None] * (d.exp() - d - 1).clamp(-10, 10) * M).sum(1) / M.sum(1)   # seq-mean-token-mean (grpo)
     naive = naive[M.any(1)].mean()
@@ -410,9 +411,38 @@ def test_ares_kl_against_naive_with_masked_garbage_and_needs():
     g1, = torch.autograd.grad(loss, lp)
     g2, = torch.autograd.grad(naive, lp)
     assert torch.allclose(g1, g2, atol=1e-15) and (g1[~M] == 0).all()
-    assert REGULARIZERS.get("ares_kl").needs_for({}) == {"ref_logp", "ares_beta"}
-    with pytest.raises(ValueError, match="ares_beta"):
+    seq = ((d.detach().exp() - d.detach() - 1) * M).sum(1) / M.sum(1)
+    for i, b in enumerate(("easy", "medium", "hard")):                   # the controller's first call saw each sequence
+        assert state["kl_ema"][b] == pytest.approx(seq[i].item(), abs=1e-15)
+    assert REGULARIZERS.get("ares_kl").needs_for({}) == {"ref_logp", "group_pass_rate"}
+    assert REGULARIZERS.get("ares_kl").has_state
+    with pytest.raises(ValueError, match="group_pass_rate"):
         policy_loss("grpo", lp, lp.detach(), torch.zeros(3, dtype=F64), M, ref_logp=ref, regularizers={"ares_kl": {}})
+
+
+@pytest.mark.parametrize("bad,msg", [({"target": 0.0}, "target > 0"), ({"beta_min": 2.0}, "beta_min <= beta_init"),
+                                     ({"ema": 1.0}, "ema < 1"), ({"clip": 0.0}, "clip > 0"),
+                                     ({"interval": 0}, "interval must be a positive int")])
+def test_ares_kl_bad_options_are_refused(bad, msg):
+    with pytest.raises(ValueError, match=msg):
+        REGULARIZERS.resolve("ares_kl", bad)
+
+
+def test_ares_kl_trains_with_its_controller_as_stage_state(tmp_path):
+    "interval=1: every micro-batch call counts, so β moves in two steps; the state is the trainer's, keyed by name."
+    from entropy_rl.trainer import Trainer
+    from test_trainer import TINY, odd_length
+    t = Trainer(dict(TINY, steps=2, minibatches=2, output_dir=str(tmp_path), save_every=1,
+                     regularizers={"ares_kl": {"coef": 0.5, "interval": 1, "deadzone": 0.0}}), reward_fn=odd_length)
+    assert t.reference is not None and set(t.stage_states) == {"regularizers/ares_kl"}
+    m = t.train().metrics
+    s = t.stage_states["regularizers/ares_kl"]
+    assert s["calls"] == 2 * 2                                    # steps x micro-batches
+    seen = [b for b in se.ARES_BUCKETS if s["kl_ema"][b] is not None]
+    assert seen and all(s["beta"][b] != 1.0 for b in seen)        # KL far from target: each seen bucket's β moved
+    assert all(s["beta"][b] == 1.0 for b in se.ARES_BUCKETS if b not in seen)
+    assert all(math.isfinite(r["reg/ares_kl"]) and r["grad_norm"] > 0 for r in m)
+    assert m[-1]["ares/beta_hard"] == pytest.approx(s["beta"]["hard"], rel=0.1)
 
 
 def test_ares_controller_bounds_interval_and_bad_input():
