@@ -3,7 +3,8 @@ masked positions, the spec's tables, bad options, the view keys and their config
 the tiny model with each shaper on, the label-free majority reward, and the `spine` recipe through the command line.
 
 The rollout engine does not record `policy_entropy` / `top1_ids` yet in every checkout (interfaces §1); where it does
-not, `record_rollout_fields` stands in for it with a teacher-forced pass of the same policy at the run temperature."""
+not, `record_rollout_fields` stands in for it with a teacher-forced pass of the same policy at the run temperature.
+ARES's state goes through the trainer's stage state (interfaces §3), checkpointed and resumed."""
 import dataclasses
 import functools
 import inspect
@@ -296,14 +297,25 @@ def test_one_step_with_ares_on_the_tiny_model(tmp_path, monkeypatch):
     assert math.isfinite(m["loss"]) and m["grad_norm"] > 0 and math.isfinite(m["sampling/reward_mean_drawn"])
 
 
-def test_ares_without_state_is_refused_in_a_run(tmp_path):
-    if _trainer_passes_stage_state():
-        pytest.skip("the trainer passes stage state")
-    from test_trainer import odd_length
-    tr = Trainer(TrainConfig.from_dict(dict(TINY, steps=1, output_dir=str(tmp_path / "a"), reward_shaping=["ares"])), reward_fn=odd_length)
-    record_rollout_fields(tr, [])
-    with pytest.raises(RuntimeError, match="needs the trainer's stage state"):
-        tr.train()
+def test_ares_state_is_checkpointed_and_resumed(tmp_path):
+    "Two steps straight = one step, then a resumed second: the same τ, α and metrics (the stage state of chapter 04a)."
+    if not _trainer_passes_stage_state():
+        pytest.skip("waits on the trainer's stage state (interfaces §3)")
+    from test_trainer import odd_length, strip_timing
+    kw = dict(TINY, reward_shaping=["ares"], reward_shaping_options={"ares": {"triggers": CHARS, "window": 2}})
+
+    def run(steps, name):
+        tr = Trainer(TrainConfig.from_dict(dict(kw, steps=steps, output_dir=str(tmp_path / name))), reward_fn=odd_length)
+        record_rollout_fields(tr, [])
+        return tr, tr.train().metrics
+    full, m_full = run(2, "full")
+    run(1, "split")
+    split, m_split = run(2, "split")
+    assert strip_timing(m_full) == strip_timing(m_split)
+    assert full.stage_states["reward_shaping/ares"] == split.stage_states["reward_shaping/ares"]
+    s = full.stage_states["reward_shaping/ares"]
+    assert s["tau_set"] and s["tau"] != m_full[0]["ares/tau"]                  # the EMA moved τ after step 1
+    assert m_full[1]["ares/tau"] == m_split[1]["ares/tau"] != m_full[0]["ares/tau"]
 
 
 def test_one_step_with_the_majority_reward(tmp_path):
