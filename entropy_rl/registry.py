@@ -160,7 +160,7 @@ class Registry:
 # %% ../nbs/04a_registry.ipynb #86790de0
 MECHANISM_MODULES: tuple = ("entropy_rl.reweighting", "entropy_rl.advantage_estimation", "entropy_rl.selective_entropy",
                              "entropy_rl.soft_clipping", "entropy_rl.rollout_structures",
-                             "entropy_rl.samplers")   # chapters' modules that register stage entries (imported on first use)
+                             "entropy_rl.samplers", "entropy_rl.entropy_rewards")   # chapters' modules that register stage entries (imported on first use)
 QUANTITIES = Registry("per-token quantity")
 RUN_VALUES = Registry("run value")
 

@@ -41,10 +41,10 @@ from .rundir import (RESUMABLE_CHANGES, CheckpointError, Interrupted, RunDirLock
                                read_metrics, refuse_old_format, save_checkpoint, set_aside, verify_checkpoint, _report)
 
 # %% auto #0
-__all__ = ['PROVIDED_NEEDS', 'PLOT_KEYS', 'TrainConfig', 'merge_config', 'list_recipes', 'load_recipe', 'recipe_description',
-           'policy_logprobs_and_entropy', 'PolicyScorer', 'build_model', 'build_task', 'rollout_metrics', 'StepBatch',
-           'reduce_update_metrics', 'StepPipeline', 'plot_pipeline', 'plot_metrics', 'tis_weights', 'TrainResult',
-           'Trainer', 'train', 'pass_at_k', 'evaluate']
+__all__ = ['PROVIDED_NEEDS', 'ROLLOUT_FIELDS', 'ROLLOUT_NEEDS', 'PLOT_KEYS', 'TrainConfig', 'merge_config', 'list_recipes',
+           'load_recipe', 'recipe_description', 'policy_logprobs_and_entropy', 'PolicyScorer', 'build_model',
+           'build_task', 'rollout_metrics', 'StepBatch', 'reduce_update_metrics', 'StepPipeline', 'plot_pipeline',
+           'plot_metrics', 'tis_weights', 'TrainResult', 'Trainer', 'train', 'pass_at_k', 'evaluate']
 
 # %% ../nbs/11_trainer.ipynb #5202210d
 _CHOICES = {
@@ -174,10 +174,11 @@ class TrainConfig:
         self.advantage_options = ADVANTAGES.resolve(self.advantage, adv)
         self.regularizers = {n: REGULARIZERS.resolve(n, o) for n, o in self.regularizers.items()}
         for stage, need in self.needs().items():
-            missing = sorted(set(need) - PROVIDED_NEEDS - set(QUANTITIES.names()) - set(RUN_VALUES.names()))
+            provided = PROVIDED_NEEDS | (ROLLOUT_NEEDS if stage in ("reward_shaping", "group_filter") else frozenset())
+            missing = sorted(set(need) - provided - set(QUANTITIES.names()) - set(RUN_VALUES.names()))
             if missing:
                 raise ValueError(f"the {stage} stage as configured needs {missing}, which the trainer does not compute "
-                                 f"(it provides {sorted(PROVIDED_NEEDS)}, the per-token quantities {QUANTITIES.names()} and the run values "
+                                 f"for it (it provides {sorted(provided)}, the per-token quantities {QUANTITIES.names()} and the run values "
                                  f"{RUN_VALUES.names()})")
 
     def _regularizer_terms(self) -> dict:
@@ -299,6 +300,10 @@ def _coerce(cls, key: str, value: Any) -> Any:
 # what the trainer computes for a stage that declares it (besides the registered per-token QUANTITIES)
 PROVIDED_NEEDS = frozenset({"entropy", "old_entropy", "old_logp", "ref_logp", "segment_ids", "generator", "lengths", "mask",
                             "scores", "response_ids", "max_new_tokens", "step", "texts", "group_pass_rate"})
+# what the rollout-phase stages (reward shapers, group filters) see besides: the engine's per-token records (None where an
+# engine does not record them), the group size and the run's tokenizer
+ROLLOUT_FIELDS = ("policy_entropy", "sampling_entropy", "top1_ids")
+ROLLOUT_NEEDS = frozenset(ROLLOUT_FIELDS) | {"group_size", "tokenizer"}
 
 def _settable(resolved: dict, given: dict) -> dict:
     "A loss's resolved options without the per-call tensors and the top-level terms (what a config records)."
@@ -449,7 +454,7 @@ def build_task(config: TrainConfig):
         except TypeError as e:
             raise ValueError(f"bad task_options for arithmetic: {e}") from None
     if config.task.startswith("jsonl:"):
-        split = {k: opts.pop(k) for k in ("held_out", "split_seed") if k in opts}
+        split = {k: opts.pop(k) for k in ("held_out", "split_seed", "reward") if k in opts}
         return tasks.ListTask(tasks.load_jsonl_task(config.task[len("jsonl:"):], **opts), **split)
     raise ValueError(f"task={config.task!r} is not known; use 'arithmetic' or 'jsonl:PATH'")
 
@@ -662,15 +667,29 @@ class StepPipeline:
         return self._step_metrics(step, batch, sampling, updates, times)
 
     # ---- rollout: sampler → grader → shapers → filter (→ resample) -------------------------------------------
+    def _grade(self, texts: list, idx: list, problems: list) -> tuple:
+        """(scores [len(texts)] float32, metrics): each text graded against problem `problems[idx[i]]` — per text, or per
+        prompt's rows together when the task grades groups (the label-free vote: it never reads the hidden answer)."""
+        if self.reward_fn is None and hasattr(self.task, "grade_group"):
+            out, metrics, groups = torch.zeros(len(texts)), {}, sorted(set(idx))
+            for g in groups:
+                rows = [i for i, x in enumerate(idx) if x == g]
+                s, m = self.task.grade_group([texts[i] for i in rows], problems[g])
+                out[rows] = torch.tensor(s, dtype=torch.float32)
+                for k, v in m.items():
+                    metrics[k] = metrics.get(k, 0.0) + v / len(groups)
+            return out, metrics
+        grade = self.reward_fn or self.task.reward
+        return torch.tensor([float(grade(t, problems[i])) for t, i in zip(texts, idx)], dtype=torch.float32), {}
+
     def _draw(self, step: int, r: int, base: int):
         "Round r of step `step`: this process's share of the step's prompts, sampled, graded and shaped."
         c = self.config
         problems = _sample_problems(self.task, c.prompts_per_step, "train", seed=c.seed * 1_000_003 + step + r * 1_000_000_007)
         seeds = [_round_seed(base, r) * 1_000_003 + i for i in range(c.prompts_per_step)]
         problems, seeds = problems[self.groups], seeds[self.groups]          # whole groups per process
-        grade = self.reward_fn or self.task.reward
         tools = dict(tokenizer=self.tokenizer, model=self.unwrapped, step=step, share_prompts=c.share_prompts,
-                     grade=lambda texts, idx: torch.tensor([float(grade(t, problems[i])) for t, i in zip(texts, idx)]))
+                     grade=lambda texts, idx: self._grade(texts, idx, problems)[0])
         gen = dict(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, seed=seeds,
                    sampler=c.sampler, sampler_options=c.sampler_options,
                    **self._state_kw("sampler", c.sampler, "sampler_state"))
@@ -680,10 +699,12 @@ class StepPipeline:
         gids = rb.group_ids.tolist() if torch.is_tensor(rb.group_ids) else list(rb.group_ids)
         if gids != [i // c.group_size for i in range(len(gids))]:
             raise RuntimeError("rollout groups must be contiguous (prompt i → rows i*G..i*G+G-1)")
-        scores = torch.tensor([float(grade(t, problems[g])) for t, g in zip(rb.texts, gids)], dtype=torch.float32)
+        scores, graded = self._grade(rb.texts, gids, problems)
+        shaping = {**extras.get("metrics", {}), **graded}
         view = {"lengths": rb.response_mask.sum(-1), "mask": rb.response_mask, "scores": scores, "texts": rb.texts,
-                "response_ids": rb.response_ids, "max_new_tokens": c.max_new_tokens}
-        rewards, shaping = scores.clone(), dict(extras.get("metrics", {}))
+                "response_ids": rb.response_ids, "max_new_tokens": c.max_new_tokens, "group_size": c.group_size,
+                "tokenizer": self.tokenizer, **{k: getattr(rb, k, None) for k in ROLLOUT_FIELDS}}
+        rewards = scores.clone()
         for name, opts in c.reward_shaping_options.items():
             rewards, m = REWARD_SHAPERS.get(name).fn(rewards, view, **opts, **self._state_kw("reward_shaping", name))
             shaping.update(m)
