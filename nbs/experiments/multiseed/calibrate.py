@@ -19,6 +19,7 @@ CANDIDATES = {   # name -> ArithmeticTask options (the JSON-able form the traine
     "addsub_1d": dict(min_digits=1, max_digits=1, operators=["+", "-"]),
     "add_2d": dict(min_digits=2, max_digits=2, operators=["+"]),
 }
+BUDGETS = {"add_1to2d_24tok": ("add_1to2d", 24)}   # the same task with a longer reply budget
 N_PROBLEMS, N_SAMPLES, MAX_NEW = 20, 8, 16
 
 def _answer_position(model, tok, prompt_ids, prefix: str):
@@ -62,14 +63,15 @@ def main(names):
     out_path = Path("nbs/experiments/multiseed/calibration.json")
     out = json.loads(out_path.read_text()) if out_path.exists() else {}
     for name in names:
-        task = ArithmeticTask(**CANDIDATES[name]); t0 = time.time()
+        base, max_new = BUDGETS.get(name, (name, MAX_NEW))
+        task = ArithmeticTask(**CANDIDATES[base]); t0 = time.time()
         problems = task.held_out_set(N_PROBLEMS, seed=7)
-        res = evaluate(model, tok, task, n_problems=N_PROBLEMS, k=4, samples=N_SAMPLES, max_new_tokens=MAX_NEW, seed=7)
-        out[name] = {"task_options": CANDIDATES[name], "problems": N_PROBLEMS, "samples": N_SAMPLES, "max_new_tokens": MAX_NEW,
+        res = evaluate(model, tok, task, n_problems=N_PROBLEMS, k=4, samples=N_SAMPLES, max_new_tokens=max_new, seed=7)
+        out[name] = {"task_options": CANDIDATES[base], "problems": N_PROBLEMS, "samples": N_SAMPLES, "max_new_tokens": max_new,
                      **res, **answer_stats(model, tok, task, problems), "seconds": round(time.time() - t0, 1)}
         print(name, {k: v for k, v in out[name].items() if not isinstance(v, (list, dict))},
               {w: {k: round(v, 3) for k, v in d.items() if not isinstance(v, list)} for w, d in out[name].items() if w in ('first', 'after_equation')}, flush=True)
         out_path.write_text(json.dumps(out, indent=1))
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(CANDIDATES))
+    main(sys.argv[1:] or list(CANDIDATES) + list(BUDGETS))
