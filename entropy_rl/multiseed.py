@@ -6,7 +6,7 @@
 __all__ = ['read_run', 'read_experiment', 'curve', 'seed_band', 't975', 'seed_interval', 'held_out', 'fit_law', 'predict_final',
            'run_summary', 'method_summary', 'plot_bands', 'plot_held_out', 'plot_law', 'plot_prediction']
 
-# %% ../nbs/13b_multiseed.ipynb #901fa31a
+# %% ../nbs/13b_multiseed.ipynb #14d46e4a
 import json
 import math
 from pathlib import Path
@@ -16,7 +16,7 @@ import numpy as np
 from .covariance import fit_entropy_reward
 from .tasks import wilson_interval
 
-# %% ../nbs/13b_multiseed.ipynb #27c66a9e
+# %% ../nbs/13b_multiseed.ipynb #2425422e
 def read_run(run_dir) -> dict:
     """One run's committed logs: metrics (the steps logged, possibly fewer than planned: an interrupted run), config,
     held-out eval and run record (each None when absent). Raises if there is no metrics.jsonl or the steps are not 1, 2, …"""
@@ -59,7 +59,7 @@ def curve(run: dict, key: str) -> np.ndarray:
     "The per-step values of metric `key` of one run (NaN where a step did not log it)."
     return np.array([m.get(key, np.nan) for m in run["metrics"]], dtype=float)
 
-# %% ../nbs/13b_multiseed.ipynb #50d69b6d
+# %% ../nbs/13b_multiseed.ipynb #081e28ac
 def seed_band(curves) -> dict:
     """Mean and spread over seeds, step by step, of curves that may have different lengths (a partial run contributes
     the steps it has): steps (1-based), n (seeds at that step), mean, std (sample std, ddof = 1; 0 with one seed),
@@ -77,7 +77,7 @@ def seed_band(curves) -> dict:
     return {"steps": np.arange(1, T + 1), "n": n, "mean": mean, "std": std, "lo": mean - std, "hi": mean + std,
             "min": np.nanmin(M, 0), "max": np.nanmax(M, 0)}
 
-# %% ../nbs/13b_multiseed.ipynb #8e4db033
+# %% ../nbs/13b_multiseed.ipynb #baa4403d
 # two-sided 95% Student-t quantiles t_{0.975, df} for df = 1 … 30 (larger df: the normal 1.96 plus its first correction)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
@@ -96,7 +96,7 @@ def seed_interval(values) -> dict:
     sd = float(v.std(ddof=1)); h = t975(v.size - 1) * sd / math.sqrt(v.size)
     return {"mean": m, "lo": m - h, "hi": m + h, "n": int(v.size), "sd": sd}
 
-# %% ../nbs/13b_multiseed.ipynb #653fb273
+# %% ../nbs/13b_multiseed.ipynb #94ac77e0
 def held_out(ev: dict, k: int = 4) -> dict:
     """pass@1 and pass@k of one held-out evaluation with 95% Wilson intervals over *problems*: each problem's pass@k
     estimate lies in [0, 1], so its variance is at most p(1 − p) and the interval with n = problems is a conservative
@@ -110,7 +110,7 @@ def held_out(ev: dict, k: int = 4) -> dict:
             out[key] = {"value": ev[key], "lo": lo, "hi": hi}
     return out
 
-# %% ../nbs/13b_multiseed.ipynb #7ab3f5b2
+# %% ../nbs/13b_multiseed.ipynb #9aa11192
 def fit_law(H, R) -> dict:
     "R = −a·e^H + b by least squares (chapter 02's `fit_entropy_reward`) with its coefficient of determination R²."
     f = fit_entropy_reward(H, R)
@@ -136,7 +136,7 @@ def predict_final(H, R, fit_frac: float = 1 / 3, last: int = 5) -> dict:
             "predicted_at_final_entropy": at_h, "error_at_final_entropy": at_h - r_end,
             "predicted_ceiling": f["ceiling"], "error_ceiling": f["ceiling"] - r_end}
 
-# %% ../nbs/13b_multiseed.ipynb #d0018ce5
+# %% ../nbs/13b_multiseed.ipynb #c99f3678
 def run_summary(run: dict, last: int = 5, k: int = 4) -> dict:
     """One run in numbers: steps, start and final entropy and reward (means of the first / last `last` steps), the law
     fitted on the whole run, the first-third prediction (None for a run too short), held-out pass@1 / pass@k (None
@@ -177,7 +177,7 @@ def method_summary(runs: dict, last: int = 5, k: int = 4) -> dict:
         out[name] = seed_interval(vals) if vals else None
     return out
 
-# %% ../nbs/13b_multiseed.ipynb #63a675e7
+# %% ../nbs/13b_multiseed.ipynb #d97ebee1
 def _grid(n: int, cols: int = 4, w: float = 3.3, h: float = 2.5):
     import matplotlib.pyplot as plt
     rows = max(1, -(-n // cols)); cols = min(cols, max(n, 1))
