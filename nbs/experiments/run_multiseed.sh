@@ -77,7 +77,7 @@ run_one() {  # $1 method, $2 seed
   local cmd="$RL train --steps $STEPS --seed $s --output-dir $dir $COMMON ${RUNS[$m]}"
   guarded nice -n "$NICE" $cmd >> "$dir/train.log" 2>&1; rc=$?
   if [ $rc = 0 ] && [ ! -s "$dir/eval.json" ]; then
-    guarded nice -n "$NICE" $RL eval "$dir" $EVAL_ARGS > "$dir/eval.json.tmp" 2>> "$dir/train.log" && mv "$dir/eval.json.tmp" "$dir/eval.json" || rc=$?
+    guarded nice -n "$NICE" $RL eval "$dir" $EVAL_ARGS > "$dir/eval.tmp" 2>> "$dir/train.log" && mv "$dir/eval.tmp" "$dir/eval.json" || rc=$?
   fi
   local steps; steps=$(done_steps "$dir/metrics.jsonl")
   python - "$dir" "$m" "$s" "$start" "$((SECONDS - t0))" "$from" "$steps" "$rc" "$cmd" "$DEVICE" "$COMMIT" "$STEPS" "$EVAL_ARGS" <<'EOF'
@@ -95,21 +95,21 @@ finished = int(steps) >= int(target) and (d / "eval.json").exists()
     "status": "finished" if finished else "partial", "command": cmd, "eval_command": f"entropy-rl eval RUN_DIR {eval_args}",
     "device": device, "code_commit": commit, "wall_s": sum(x["wall_s"] for x in sessions), "sessions": len(sessions)}, indent=1))
 EOF
-  copy_logs "$dir" "$dest"
+  [ "$steps" -gt 0 ] && copy_logs "$dir" "$dest"        # nothing to keep from a run stopped before its first step
   if [ $rc = 0 ]; then rm -rf "$dir/checkpoints"; echo "$m seed$s: finished ($((SECONDS - t0)) s)";
   else echo "$m seed$s: stopped at step $steps (exit $rc; log $dir/train.log); rerun the script to resume"; fi
 }
 
 base_eval() {  # the start model on the same held-out problems, once
   [ -s "$DEST/base_eval.json" ] && return
-  nice -n "$NICE" python -c "
+  guarded nice -n "$NICE" python -c "
 import json, sys
 from entropy_rl.trainer import TrainConfig, build_model, build_task, evaluate
 from entropy_rl.cli import parse_overrides
 cfg = TrainConfig.from_dict(parse_overrides(sys.argv[1:]))
 model, tok = build_model(cfg)
 print(json.dumps(evaluate(model, tok, build_task(cfg), n_problems=50, k=4, samples=8, max_new_tokens=cfg.max_new_tokens, seed=1)))
-" $TASK max_new_tokens=16 ${EXTRA:-} > "$DEST/base_eval.json.tmp" 2> "$WORK/$TAG/base_eval.log" && mv "$DEST/base_eval.json.tmp" "$DEST/base_eval.json"
+" $TASK max_new_tokens=16 ${EXTRA:-} > "$WORK/$TAG/base_eval.tmp" 2> "$WORK/$TAG/base_eval.log" && mv "$WORK/$TAG/base_eval.tmp" "$DEST/base_eval.json"
 }
 
 pids=()
