@@ -162,8 +162,8 @@ def _stage_registries() -> dict:
     from entropy_rl.advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
     from entropy_rl.losses import LOSSES, REGULARIZERS
     from entropy_rl.registry import QUANTITIES, RUN_VALUES
-    from entropy_rl.rollout import SAMPLERS
-    return {"sampler": SAMPLERS, "reward_shaping": REWARD_SHAPERS, "group_filter": GROUP_FILTERS,
+    from entropy_rl.rollout import ROLLOUTS, SAMPLERS
+    return {"rollout_structure": ROLLOUTS, "sampler": SAMPLERS, "reward_shaping": REWARD_SHAPERS, "group_filter": GROUP_FILTERS,
             "advantage": ADVANTAGES, "algo (loss)": LOSSES, "regularizers": REGULARIZERS, "quantities": QUANTITIES,
             "run values": RUN_VALUES}
 

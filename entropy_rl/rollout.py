@@ -212,7 +212,7 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: Sequence[int]) -
     return ~after
 
 # %% ../nbs/10_rollout.ipynb #f0f6d217
-ROLLOUTS = Registry("rollout")
+ROLLOUTS = Registry("rollout structure")
 
 def list_rollouts() -> list[str]:
     "Names of the registered rollout structures."
