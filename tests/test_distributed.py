@@ -35,6 +35,10 @@ CONFIGS = {
     "cure": dict(algo="grpo", rollout_structure="cure", rollout_structure_options={"n2": 1, "min_token_chars": 1}),
     "eb_tree": dict(algo="grpo", rollout_structure="eb_tree", rollout_structure_options={"branch_probability": 0.1,
                                                                                          "segment_tokens": 2}),
+    # decoding samplers (chapter 20): per-row state (Mirostat's mu), per-token temperature from stage state (HAPO)
+    **{f"sampler_{n}": dict(algo="grpo", sampler=n, sampler_options=o) for n, o in (
+        ("typical", {"typical_p": 0.99}), ("min_p", {}), ("top_h", {"top_h": 0.99}), ("mirostat_v1", {"tau": 8.0}),
+        ("mirostat_v2", {}), ("hapo_temperature", {}))},
     "kl_cov_local": dict(algo="kl_cov", loss_options={"k": 0.2}, batch_scope="local"),   # per-process statistics
 }
 GLOBAL = [n for n in CONFIGS if CONFIGS[n].get("batch_scope") != "local"]
