@@ -47,6 +47,7 @@ if __name__ == "__main__":
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("metrics.jsonl", "config.json"):
         shutil.copy(work / f, dest / f)
+    shutil.rmtree(work.parent)                                # the run's checkpoints (1.6 GB each): logs are copied
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     import os, torch, transformers
