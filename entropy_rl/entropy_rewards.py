@@ -9,12 +9,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 from .advantages import REWARD_SHAPERS
+from .rollout import topk_tail_entropy   # the top-k + tail-bucket entropy reading (chapter 10)
 from .selective_entropy import ARES_BUCKETS, ares_difficulty
 
 # %% auto #0
 __all__ = ['ENTROPY_SOURCES', 'PEAR_DEFAULTS', 'ARES_TRIGGERS', 'ARES_SHAPING', 'ARES_DEFAULTS', 'find_marker', 'pear_phases',
-           'pear_reward', 'pear_view', 'tail_bucket_entropy', 'normalize_trigger', 'trigger_mask', 'hwe_counts',
-           'window_percentile', 'ares_shaping', 'ares_reward_state', 'ares_targets', 'ares_rewards', 'ares_view']
+           'pear_reward', 'pear_view', 'normalize_trigger', 'trigger_mask', 'hwe_counts', 'window_percentile',
+           'ares_shaping', 'ares_reward_state', 'ares_targets', 'ares_rewards', 'ares_view']
 
 # %% ../nbs/21_entropy_rewards.ipynb #54d0be91
 ENTROPY_SOURCES: dict = {"policy": "policy_entropy", "sampling": "sampling_entropy"}
@@ -147,17 +148,6 @@ ARES_TRIGGERS: tuple = ("wait", "but", "however", "alternatively", "hmm", "so", 
                         "assume", "consider", "clarify", "first", "then", "next", "now", "again", "instead", "note")
 # per bucket: margin fraction f, Huber kappa, sigmoid temperature t, cap factor, factor for incorrect answers
 ARES_SHAPING: dict = {"easy": (0.15, 2.0, 2.0, 1.0, 0.6), "medium": (0.25, 3.0, 2.5, 1.0, 0.8), "hard": (0.35, 4.0, 3.0, 1.2, 1.0)}
-
-
-def tail_bucket_entropy(top_logprobs: Tensor) -> Tensor:
-    """Entropy from a step's top-k log-probs [..., k] plus one bucket for the rest of the vocabulary (ARES's vLLM
-    reading): −Σ p log p − τ log τ, τ = max(0, 1 − Σ p)."""
-    lp = torch.as_tensor(top_logprobs).double()
-    p = lp.exp()
-    tail = (1 - p.sum(-1)).clamp(min=0)
-    return -(p * lp).sum(-1) - torch.where(tail > 0, tail * tail.clamp(min=1e-300).log(), torch.zeros_like(tail))
-
-
 def normalize_trigger(token: str) -> str:
     "A decoded token as ARES matches it: leading '▁' / 'Ġ' removed, whitespace stripped, lower-cased."
     return token.lstrip("▁Ġ").strip().lower()

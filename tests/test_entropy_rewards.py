@@ -1,3 +1,4 @@
+from entropy_rl.rollout import topk_tail_entropy
 """Chapter 21's reward side (issue 18): PEAR and ARES against independent float64 / numpy references with garbage at
 masked positions, the spec's tables, bad options, the view keys and their config-time checks, and one training step on
 the tiny model with each shaper on, the label-free majority reward, and the `spine` recipe through the command line.
@@ -133,7 +134,7 @@ def test_ares_spec_checks():
     tr = torch.zeros(10, dtype=torch.bool); tr[[0, 5]] = True
     v, i, c = er.hwe_counts(h, tr, 1.5, 4)
     assert (v, i, round(c, 4), round(er.window_percentile(h, 4, 95), 4)) == (1, 1, 0.325, 1.6225)
-    assert round(er.tail_bucket_entropy(torch.tensor([0.5, 0.2, 0.1], dtype=torch.float64).log()).item(), 4) == 1.2206
+    assert round(topk_tail_entropy(torch.tensor([0.5, 0.2, 0.1], dtype=torch.float64).log()).item(), 4) == 1.2206
     table = [(1, "easy", 10, 4, -0.5), (1, "easy", 7, 4, -0.1667), (1, "easy", 5, 4, 0.0), (0, "easy", 4, 4, 0.15),
              (1, "medium", 1, 8, -0.35), (0, "medium", 4, 4, 0.2), (1, "hard", 10, 4, 0.5531), (1, "hard", 0, 8, -0.1412),
              (0, "hard", 10, 4, 0.4935)]
