@@ -51,6 +51,9 @@ ZOO="clip_cov_paper kl_cov_paper cispo sapo steer canon riskpo lp_reg hapo entro
 METHODS=(${METHODS:-$CORE $ZOO})
 for m in "${METHODS[@]}"; do [ -n "${RUNS[$m]:-}" ] || { echo "unknown method '$m'; known: ${!RUNS[*]}" >&2; exit 2; }; done
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# fail before any work when the command cannot start (e.g. an editable install that points at a deleted checkout)
+if ! err=$($RL algos 2>&1 >/dev/null); then
+  echo "$err" | tail -3 >&2; echo "'$RL' does not start; install the package from this checkout (pip install -e .) and rerun" >&2; exit 2; fi
 mkdir -p "$DEST" "$WORK/$TAG"
 COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 [ -z "$(git status --porcelain -- entropy_rl 2>/dev/null)" ] || COMMIT="$COMMIT+uncommitted-changes"
