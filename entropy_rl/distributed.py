@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .rollout import pad_columns
+
 # %% auto #0
 __all__ = ['SCOPES', 'world', 'shard_groups', 'all_reduce', 'gather_rows', 'mean_across', 'global_policy_loss', 'fsdp_units',
            'is_fsdp1', 'is_sharded', 'gathered_params', 'full_state', 'load_full_state']
@@ -69,14 +71,6 @@ class _GatherRows(torch.autograd.Function):
         b = ctx.rows
         return grad[ctx.rank * b:(ctx.rank + 1) * b] * ctx.world_size, None, None
 
-def _pad_columns(x: Tensor, width: int | None, pad_value) -> Tensor:
-    if width is None or x.dim() < 2 or x.shape[1] == width:
-        return x
-    if x.shape[1] > width:
-        raise ValueError(f"width={width} is narrower than the tensor's {x.shape[1]} columns")
-    pad = x.new_full((x.shape[0], width - x.shape[1], *x.shape[2:]), pad_value)
-    return torch.cat([x, pad], 1)
-
 def gather_rows(x: Tensor, width: int | None = None, pad_value=0) -> Tensor:
     """Every process's rows of `x` in rank order ([b, ...] → [W*b, ...]); [b, T, ...] tensors are right-padded with
     `pad_value` to `width` columns first (default: the widest T of any process). Differentiable: the backward gives
@@ -86,13 +80,14 @@ def gather_rows(x: Tensor, width: int | None = None, pad_value=0) -> Tensor:
         raise TypeError(f"gather_rows needs a tensor with a row dimension, got {type(x).__name__}")
     rank, w = world()
     if w == 1:
-        return _pad_columns(x, width, pad_value)
+        return x if width is None or x.dim() < 2 else pad_columns(x, width, pad_value)
     rows = all_reduce(torch.tensor([x.shape[0], -x.shape[0]], device=x.device), "max")
     if int(rows[0]) != -int(rows[1]):
         raise ValueError(f"gather_rows needs the same number of rows on every process, got {int(-rows[1])}..{int(rows[0])}")
     if x.dim() >= 2 and width is None:
         width = int(all_reduce(torch.tensor(x.shape[1], device=x.device), "max"))
-    x = _pad_columns(x, width, pad_value)
+    if x.dim() >= 2:
+        x = pad_columns(x, width, pad_value)
     if x.dtype == torch.bool:                 # not every backend gathers bool
         return _GatherRows.apply(x.to(torch.uint8), rank, w).bool()
     return _GatherRows.apply(x, rank, w)

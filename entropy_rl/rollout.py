@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'ROLLOUTS', 'RolloutBatch', 'response_logprobs', 'RolloutEngine', 'top_p_mask', 'list_samplers',
-           'StepSampler', 'sampling_transform', 'response_mask_from_ids', 'list_rollouts', 'cache_keyword',
-           'output_cache', 'distinct_rows', 'shareable_cache', 'shared_prefill', 'TransformersEngine', 'VLLMEngine',
-           'topk_tail_entropy']
+           'StepSampler', 'sampling_transform', 'pad_columns', 'response_mask_from_ids', 'list_rollouts',
+           'cache_keyword', 'output_cache', 'distinct_rows', 'shareable_cache', 'shared_prefill', 'TransformersEngine',
+           'VLLMEngine', 'topk_tail_entropy']
 
 # %% ../nbs/10_rollout.ipynb #c84c6e50
 import abc
@@ -205,6 +205,17 @@ def _per_prompt_seeds(seed, n_prompts: int) -> list[int] | None:
         raise ValueError(f"seed must be an int or a list of {n_prompts} ints (one per prompt), got {seed!r}")
     return [int(s) for s in seed]
 
+def pad_columns(x: torch.Tensor, width: int, value, left: bool = False) -> torch.Tensor:
+    """`x` [B, T, ...] padded along dim 1 to `width` columns with `value`: on the left for prompt-side fields (left-padded
+    prompts), on the right for per-token response fields. One helper for every place that stacks rows of unequal width."""
+    pad = width - x.shape[1]
+    if pad < 0:
+        raise ValueError(f"width={width} is narrower than the tensor's {x.shape[1]} columns")
+    if pad == 0:
+        return x
+    fill = x.new_full((x.shape[0], pad, *x.shape[2:]), value)
+    return torch.cat([fill, x] if left else [x, fill], 1)
+
 def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: Sequence[int]) -> torch.Tensor:
     "[B, T] bool: True up to and including the first EOS of each row (all True when a row has none)."
     is_eos = torch.isin(response_ids, torch.as_tensor(list(eos_ids), device=response_ids.device))
@@ -342,8 +353,8 @@ class TransformersEngine(RolloutEngine):
                     parts.append(self._generate_rows(rows[i:i + self.max_batch_size], max_new_tokens, transform))
         pad = self.tokenizer.pad_token_id
         P = max(p[0].shape[1] for p in parts); T = max(p[2].shape[1] for p in parts)
-        lpad = lambda x, v: torch.nn.functional.pad(x, (P - x.shape[1], 0), value=v)
-        rpad = lambda x, v: torch.nn.functional.pad(x, (0, T - x.shape[1]), value=v)
+        lpad = lambda x, v: pad_columns(x, P, v, left=True)
+        rpad = lambda x, v: pad_columns(x, T, v)
         prompt_ids = torch.cat([lpad(p[0], pad) for p in parts]); prompt_mask = torch.cat([lpad(p[1], False) for p in parts])
         resp = torch.cat([rpad(p[2], pad) for p in parts])
         rec = {k: torch.cat([rpad(p[3][k], 0) for p in parts]) for k in _RECORDS}

@@ -8,7 +8,7 @@ import dataclasses
 import torch
 from torch import Tensor
 from .advantages import group_advantages
-from .rollout import ROLLOUTS, RolloutBatch
+from .rollout import ROLLOUTS, RolloutBatch, _per_prompt_seeds, pad_columns
 
 # %% auto #0
 __all__ = ['CURE_SELECTIONS', 'AEPO_READINGS', 'EB_READINGS', 'cure_candidates', 'cure_positions', 'stack_rollout_rows',
@@ -67,12 +67,8 @@ def stack_rollout_rows(parts: list, pad_id: int, group_size: int, prompts: list)
         elif all(torch.is_tensor(v) and v.dim() == 2 for v in vals):
             left = f.name.startswith("prompt_")
             fill = pad_id if f.name in ("prompt_ids", "response_ids") else 0
-            cols = []
-            for v, (_, rows) in zip(vals, parts):
-                x, width = v[rows], (P if left else T)
-                pad = (width - x.shape[1], 0) if left else (0, width - x.shape[1])
-                cols.append(torch.nn.functional.pad(x, pad, value=False if x.dtype == torch.bool else fill))
-            out[f.name] = torch.cat(cols)
+            out[f.name] = torch.cat([pad_columns(v[rows], P if left else T, False if v.dtype == torch.bool else fill, left)
+                                     for v, (_, rows) in zip(vals, parts)])
         elif all(torch.is_tensor(v) and v.dim() == 1 for v in vals):
             out[f.name] = torch.cat([v[rows] for v, (_, rows) in zip(vals, parts)])
         else:
@@ -90,9 +86,7 @@ def _prompt_seeds(seed, n: int) -> list:
     "One int per prompt from the engine's `seed` argument (None: drawn from torch's global generator)."
     if seed is None:
         return torch.randint(0, 2**31 - 1, (n,)).tolist()
-    if isinstance(seed, int):
-        return [_mix(seed, i) for i in range(n)]
-    return [int(s) for s in seed]
+    return _per_prompt_seeds(seed, n) or [_mix(seed, i) for i in range(n)]
 
 def old_policy_entropy(rb: RolloutBatch, model, temperature: float, share_prompts: bool = True) -> Tensor:
     "[B, T] entropy of the policy at `temperature` at each response position: the engine's record, else one forward."

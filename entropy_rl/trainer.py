@@ -32,7 +32,7 @@ from .losses import (INPUT_OPTIONS, REGULARIZERS, check_loss_options, list_losse
                                loss_options, policy_loss)
 from .advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
 from .registry import QUANTITIES, RUN_VALUES, check_state, stage_key
-from .rollout import ROLLOUTS, SAMPLERS, cache_keyword, shareable_cache, distinct_rows, output_cache
+from .rollout import ROLLOUTS, SAMPLERS, cache_keyword, shareable_cache, distinct_rows, output_cache, pad_columns
 # the run directory (chapter 11a); save_checkpoint, latest_checkpoint, load_checkpoint, load_weights, read_metrics and
 # RESUMABLE_CHANGES stay importable from here
 from .rundir import (RESUMABLE_CHANGES, CheckpointError, Interrupted, RunDirLocked, RunLock, StopSignals, _atomic_write,
@@ -592,10 +592,6 @@ class StepBatch:
             raise ValueError("advantages have NaN/inf on valid tokens")
         self.advantages = torch.where(self.mask, adv, torch.zeros((), device=adv.device))
 
-def _pad_rows(x: torch.Tensor, width: int, value, left: bool = False) -> torch.Tensor:
-    pad = width - x.shape[1]
-    return F.pad(x, (pad, 0) if left else (0, pad), value=value) if pad else x
-
 def _take_groups(parts: list, group_size: int, pad_id: int) -> dict:
     """Concatenate the kept groups of several rollouts: prompts left-padded, responses right-padded to one width.
     `parts`: (RolloutBatch, problems, scores, rewards, keep [groups] bool)."""
@@ -605,17 +601,17 @@ def _take_groups(parts: list, group_size: int, pad_id: int) -> dict:
     out["texts"], out["problems"] = [], []
     for rb, problems, scores, rewards, keep in parts:
         rows = keep.repeat_interleave(group_size).nonzero().squeeze(-1)
-        out["prompt_ids"].append(_pad_rows(rb.prompt_ids[rows], P, pad_id, left=True))
-        out["prompt_mask"].append(_pad_rows(rb.prompt_mask[rows], P, False, left=True))
-        out["response_ids"].append(_pad_rows(rb.response_ids[rows], T, pad_id))
-        out["response_mask"].append(_pad_rows(rb.response_mask[rows], T, False))
-        out["sample_logp"].append(_pad_rows(rb.sampling_logprobs.float()[rows], T, 0.0))
+        out["prompt_ids"].append(pad_columns(rb.prompt_ids[rows], P, pad_id, left=True))
+        out["prompt_mask"].append(pad_columns(rb.prompt_mask[rows], P, False, left=True))
+        out["response_ids"].append(pad_columns(rb.response_ids[rows], T, pad_id))
+        out["response_mask"].append(pad_columns(rb.response_mask[rows], T, False))
+        out["sample_logp"].append(pad_columns(rb.sampling_logprobs.float()[rows], T, 0.0))
         out["scores"].append(scores[rows]); out["rewards"].append(rewards[rows])
         o = rb.advantage_override
         out["advantage_override"].append(o[rows].float() if o is not None else torch.full((len(rows),), float("nan")))
         for key, field_ in (("rollout_logp", "policy_logprobs"), ("rollout_entropy", "policy_entropy")):
             x = getattr(rb, field_, None)
-            out[key].append(_pad_rows(x.float()[rows], T, 0.0) if x is not None else None)
+            out[key].append(pad_columns(x.float()[rows], T, 0.0) if x is not None else None)
         out["texts"] += [rb.texts[i] for i in rows.tolist()]
         out["problems"] += [problems[g] for g in keep.nonzero().squeeze(-1).tolist()]
     for key in ("rollout_logp", "rollout_entropy"):   # engine records: kept only when every part has them

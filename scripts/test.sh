@@ -27,7 +27,11 @@ fi
 chromium --version
 
 step "nbdev_export and nbdev_clean leave the tree unchanged"
-snap=$(mktemp -d); trap 'rm -rf "$snap"' EXIT
+snap=$(mktemp -d)
+# the tests' temporary files (notebook runs, pytest's tmp_path, checkpoints of a `--flags slow` run) go in one scratch
+# directory that is removed at the end, so repeated runs do not fill /tmp
+scratch=$(mktemp -d); trap 'rm -rf "$snap" "$scratch"' EXIT
+export TMPDIR="$scratch"
 cp -r entropy_rl nbs "$snap/"
 nbdev_export
 nbdev_clean

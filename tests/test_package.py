@@ -43,3 +43,15 @@ def test_every_module_comes_from_a_notebook():
         head = heads[0]
         nb = head.split("File to edit:")[1].split("(")[0].strip().rstrip(".")
         assert (ROOT / "entropy_rl" / nb).resolve().exists(), f"{path.name}: {nb} missing"
+
+def test_no_control_characters_in_notebook_text():
+    """A LaTeX command written through a Python string can lose its backslash to an escape (\\text → TAB + 'ext',
+    \\rfloor → CR + 'floor', \\frac → form feed + 'rac', \\beta → backspace + 'eta'); no notebook cell may hold those."""
+    import json
+    bad = []
+    for p in sorted((ROOT / "nbs").rglob("*.ipynb")):
+        for i, cell in enumerate(json.loads(p.read_text())["cells"]):
+            src = "".join(cell["source"])
+            hits = sorted({repr(ch) for ch in src if ord(ch) < 32 and ch != "\n"})
+            if hits: bad.append(f"{p.relative_to(ROOT)} cell {i}: {', '.join(hits)}")
+    assert not bad, "control characters in notebook cells:\n" + "\n".join(bad)
