@@ -178,19 +178,20 @@ def method_summary(runs: dict, last: int = 5, k: int = 4) -> dict:
     return out
 
 # %% ../nbs/13b_multiseed.ipynb #d97ebee1
-def _grid(n: int, cols: int = 4, w: float = 3.3, h: float = 2.5):
+def _grid(n: int, cols: int = 4, w: float = 3.3, h: float = 2.5, sharey: bool = True):
     import matplotlib.pyplot as plt
     rows = max(1, -(-n // cols)); cols = min(cols, max(n, 1))
-    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False, sharex=True, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols, h * rows), squeeze=False, sharex=True, sharey=sharey)
     for ax in list(axes.flat)[n:]: ax.axis("off")
     return fig, list(axes.flat)[:n]
 
 def plot_bands(exp: dict, key: str = "entropy", ylabel: str = "entropy (nats)", baseline: str = "grpo", title: str = ""):
     """One panel per method: its seed band (mean ± sd over seeds, thin lines the seeds) against the baseline's band in grey.
-    Returns the figure (None when `exp` is empty)."""
+    Each panel has its own y range (a method whose entropy runs away would flatten every other panel); compare a method
+    with the grey baseline in its panel. Returns the figure (None when `exp` is empty)."""
     if not exp: return None
     names = [m for m in exp if m != baseline] or list(exp)
-    fig, axes = _grid(len(names))
+    fig, axes = _grid(len(names), sharey=False)
     base = seed_band([curve(r, key) for r in exp[baseline].values()]) if baseline in exp else None
     for ax, m in zip(axes, names):
         if base is not None and m != baseline:

@@ -38,6 +38,7 @@ declare -A RUNS=(
   [clip_higher]="algo=grpo loss_options.clip_high=0.28"
   [bapo]="algo=bapo_paper"
   [entropy_bonus]="algo=grpo regularizers.entropy.coef=0.01"
+  [entropy_bonus_small]="algo=grpo regularizers.entropy.coef=0.001"
   [siren]="algo=grpo regularizers.siren.coef=0.05"
   [clip_cov_paper]="algo=clip_cov"
   [kl_cov_paper]="algo=kl_cov"
@@ -46,7 +47,7 @@ declare -A RUNS=(
   [canon]="algo=grpo advantage=canon" [riskpo]="algo=grpo advantage=riskpo" [empg_token]="algo=grpo advantage=empg_token"
   [spine_band]="algo=grpo regularizers.spine_band.coef=0.01"
 )
-CORE="grpo clip_cov kl_cov clip_higher bapo entropy_bonus siren"
+CORE="grpo clip_cov kl_cov clip_higher bapo entropy_bonus siren entropy_bonus_small"
 ZOO="clip_cov_paper kl_cov_paper cispo sapo steer canon riskpo lp_reg hapo entropy_balanced empg_token spine_band"
 METHODS=(${METHODS:-$CORE $ZOO})
 for m in "${METHODS[@]}"; do [ -n "${RUNS[$m]:-}" ] || { echo "unknown method '$m'; known: ${!RUNS[*]}" >&2; exit 2; }; done
