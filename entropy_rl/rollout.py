@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'ROLLOUTS', 'RolloutBatch', 'response_logprobs', 'RolloutEngine', 'top_p_mask', 'list_samplers',
-           'StepSampler', 'sampling_transform', 'pad_columns', 'response_mask_from_ids', 'list_rollouts',
-           'cache_keyword', 'output_cache', 'distinct_rows', 'shareable_cache', 'shared_prefill', 'TransformersEngine',
-           'VLLMEngine', 'topk_tail_entropy']
+           'StepSampler', 'sampling_transform', 'pad_columns', 'response_mask_from_ids', 'stack_rollout_rows',
+           'list_rollouts', 'cache_keyword', 'output_cache', 'distinct_rows', 'shareable_cache', 'shared_prefill',
+           'TransformersEngine', 'VLLMEngine', 'topk_tail_entropy']
 
 # %% ../nbs/10_rollout.ipynb #c84c6e50
 import abc
@@ -221,6 +221,36 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: Sequence[int]) -
     is_eos = torch.isin(response_ids, torch.as_tensor(list(eos_ids), device=response_ids.device))
     after = (is_eos.long().cumsum(-1) - is_eos.long()) > 0      # strictly after the first EOS
     return ~after
+
+# %% ../nbs/10_rollout.ipynb #fb943918
+def stack_rollout_rows(parts: list, pad_id: int, group_size: int, prompts: list) -> RolloutBatch:
+    """One RolloutBatch from rows of several: `parts` = [(RolloutBatch, row indices)], rows taken in that order.
+    Prompt fields (`prompt_*`) are left-padded and per-token fields right-padded to the widest part; `group_ids`
+    restart as `group_size` contiguous rows per prompt of `prompts`. An engine record ([B, T]) is kept only when every
+    part has it; a part without `advantage_override` contributes NaN rows (the estimator decides)."""
+    P = max(rb.prompt_ids.shape[1] for rb, _ in parts)
+    T = max(rb.response_ids.shape[1] for rb, _ in parts)
+    out = {}
+    for f in fields(RolloutBatch):
+        vals = [getattr(rb, f.name) for rb, _ in parts]
+        if f.name == "advantage_override" and any(v is not None for v in vals):
+            vals = [v if v is not None else torch.full((len(rb),), float("nan")) for v, (rb, _) in zip(vals, parts)]
+        if f.name == "texts":
+            out[f.name] = [rb.texts[i] for rb, rows in parts for i in rows.tolist()]
+        elif all(torch.is_tensor(v) and v.dim() == 2 for v in vals):
+            left = f.name.startswith("prompt_")
+            fill = pad_id if f.name in ("prompt_ids", "response_ids") else 0
+            out[f.name] = torch.cat([pad_columns(v[rows], P if left else T, False if v.dtype == torch.bool else fill, left)
+                                     for v, (_, rows) in zip(vals, parts)])
+        elif all(torch.is_tensor(v) and v.dim() == 1 for v in vals):
+            out[f.name] = torch.cat([v[rows] for v, (_, rows) in zip(vals, parts)])
+        elif any(torch.is_tensor(v) or v is None for v in vals):
+            out[f.name] = None            # a tensor field some part lacks
+        else:
+            out[f.name] = vals[0]         # per-batch settings (temperature, top_p): the first part's
+    out["group_ids"] = torch.arange(len(out["texts"]) // group_size).repeat_interleave(group_size)
+    out["prompts"] = list(prompts)
+    return RolloutBatch(**out)
 
 # %% ../nbs/10_rollout.ipynb #f0f6d217
 ROLLOUTS = Registry("rollout structure")

@@ -8,12 +8,12 @@ import dataclasses
 import torch
 from torch import Tensor
 from .advantages import group_advantages
-from .rollout import ROLLOUTS, RolloutBatch, _per_prompt_seeds, pad_columns
+from .rollout import ROLLOUTS, RolloutBatch, _per_prompt_seeds, stack_rollout_rows
 
 # %% auto #0
-__all__ = ['CURE_SELECTIONS', 'AEPO_READINGS', 'EB_READINGS', 'cure_candidates', 'cure_positions', 'stack_rollout_rows',
-           'old_policy_entropy', 'cure_rollout', 'cure_figure', 'aepo_temperature', 'aepo_sample_count', 'aepo_keep',
-           'aepo_rollout', 'eb_root_count', 'eb_branch_probability', 'segment_entropies', 'eb_tree_rollout']
+__all__ = ['CURE_SELECTIONS', 'AEPO_READINGS', 'EB_READINGS', 'cure_candidates', 'cure_positions', 'old_policy_entropy',
+           'cure_rollout', 'cure_figure', 'aepo_temperature', 'aepo_sample_count', 'aepo_keep', 'aepo_rollout',
+           'eb_root_count', 'eb_branch_probability', 'segment_entropies', 'eb_tree_rollout']
 
 # %% ../nbs/22_rollout_structures.ipynb #1b03f5b6
 def cure_candidates(entropy: Tensor, tokens: list, special: Tensor, mask: Tensor, top_k: int = 20,
@@ -51,31 +51,6 @@ def cure_positions(entropy: Tensor, response_ids: Tensor, mask: Tensor, tokenize
         if cand:
             out[i] = cand[int(torch.randint(len(cand), (1,), generator=generators[i]))]
     return out
-
-# %% ../nbs/22_rollout_structures.ipynb #c7051e4b
-def stack_rollout_rows(parts: list, pad_id: int, group_size: int, prompts: list) -> RolloutBatch:
-    """One RolloutBatch from rows of several: `parts` = [(RolloutBatch, row indices)], rows taken in that order.
-    Prompt fields (`prompt_*`) are left-padded and per-token fields right-padded to the widest part; `group_ids`
-    restart as `group_size` contiguous rows per prompt of `prompts`."""
-    P = max(rb.prompt_ids.shape[1] for rb, _ in parts)
-    T = max(rb.response_ids.shape[1] for rb, _ in parts)
-    out = {}
-    for f in dataclasses.fields(RolloutBatch):
-        vals = [getattr(rb, f.name) for rb, _ in parts]
-        if f.name == "texts":
-            out[f.name] = [rb.texts[i] for rb, rows in parts for i in rows.tolist()]
-        elif all(torch.is_tensor(v) and v.dim() == 2 for v in vals):
-            left = f.name.startswith("prompt_")
-            fill = pad_id if f.name in ("prompt_ids", "response_ids") else 0
-            out[f.name] = torch.cat([pad_columns(v[rows], P if left else T, False if v.dtype == torch.bool else fill, left)
-                                     for v, (_, rows) in zip(vals, parts)])
-        elif all(torch.is_tensor(v) and v.dim() == 1 for v in vals):
-            out[f.name] = torch.cat([v[rows] for v, (_, rows) in zip(vals, parts)])
-        else:
-            out[f.name] = vals[0]
-    out["group_ids"] = torch.arange(len(out["texts"]) // group_size).repeat_interleave(group_size)
-    out["prompts"] = list(prompts)
-    return RolloutBatch(**out)
 
 # %% ../nbs/22_rollout_structures.ipynb #cc490449
 def _mix(a: int, b: int) -> int:

@@ -32,7 +32,7 @@ from .losses import (INPUT_OPTIONS, REGULARIZERS, check_loss_options, list_losse
                                loss_options, policy_loss)
 from .advantages import ADVANTAGES, GROUP_FILTERS, REWARD_SHAPERS
 from .registry import QUANTITIES, RUN_VALUES, check_state, stage_key
-from .rollout import ROLLOUTS, SAMPLERS, cache_keyword, shareable_cache, distinct_rows, output_cache, pad_columns
+from .rollout import ROLLOUTS, SAMPLERS, cache_keyword, shareable_cache, distinct_rows, output_cache, stack_rollout_rows
 # the run directory (chapter 11a); save_checkpoint, latest_checkpoint, load_checkpoint, load_weights, read_metrics and
 # RESUMABLE_CHANGES stay importable from here
 from .rundir import (RESUMABLE_CHANGES, CheckpointError, Interrupted, RunDirLocked, RunLock, StopSignals, _atomic_write,
@@ -592,31 +592,15 @@ class StepBatch:
             raise ValueError("advantages have NaN/inf on valid tokens")
         self.advantages = torch.where(self.mask, adv, torch.zeros((), device=adv.device))
 
-def _take_groups(parts: list, group_size: int, pad_id: int) -> dict:
-    """Concatenate the kept groups of several rollouts: prompts left-padded, responses right-padded to one width.
-    `parts`: (RolloutBatch, problems, scores, rewards, keep [groups] bool)."""
-    P = max(p[0].prompt_ids.shape[1] for p in parts); T = max(p[0].response_ids.shape[1] for p in parts)
-    out = {k: [] for k in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "sample_logp", "scores", "rewards",
-                           "advantage_override", "rollout_logp", "rollout_entropy")}
-    out["texts"], out["problems"] = [], []
-    for rb, problems, scores, rewards, keep in parts:
-        rows = keep.repeat_interleave(group_size).nonzero().squeeze(-1)
-        out["prompt_ids"].append(pad_columns(rb.prompt_ids[rows], P, pad_id, left=True))
-        out["prompt_mask"].append(pad_columns(rb.prompt_mask[rows], P, False, left=True))
-        out["response_ids"].append(pad_columns(rb.response_ids[rows], T, pad_id))
-        out["response_mask"].append(pad_columns(rb.response_mask[rows], T, False))
-        out["sample_logp"].append(pad_columns(rb.sampling_logprobs.float()[rows], T, 0.0))
-        out["scores"].append(scores[rows]); out["rewards"].append(rewards[rows])
-        o = rb.advantage_override
-        out["advantage_override"].append(o[rows].float() if o is not None else torch.full((len(rows),), float("nan")))
-        for key, field_ in (("rollout_logp", "policy_logprobs"), ("rollout_entropy", "policy_entropy")):
-            x = getattr(rb, field_, None)
-            out[key].append(pad_columns(x.float()[rows], T, 0.0) if x is not None else None)
-        out["texts"] += [rb.texts[i] for i in rows.tolist()]
-        out["problems"] += [problems[g] for g in keep.nonzero().squeeze(-1).tolist()]
-    for key in ("rollout_logp", "rollout_entropy"):   # engine records: kept only when every part has them
-        out[key] = None if any(x is None for x in out[key]) else out[key]
-    return {k: (v if k in ("texts", "problems") or v is None else torch.cat(v)) for k, v in out.items()}
+def _take_groups(parts: list, group_size: int, pad_id: int) -> tuple:
+    """The kept groups of several rollouts as one RolloutBatch (chapter 10's `stack_rollout_rows`), with their scores and
+    rewards. `parts`: (RolloutBatch, problems, scores, rewards, keep [groups] bool)."""
+    rows = [keep.repeat_interleave(group_size).nonzero().squeeze(-1) for *_, keep in parts]
+    kept = [keep.nonzero().squeeze(-1).tolist() for *_, keep in parts]
+    prompts = [p[0].prompts[g] for p, gs in zip(parts, kept) for g in gs] if all(p[0].prompts for p in parts) else []
+    rb = stack_rollout_rows([(p[0], r) for p, r in zip(parts, rows)], pad_id, group_size, prompts)
+    scores = torch.cat([p[2][r] for p, r in zip(parts, rows)]); rewards = torch.cat([p[3][r] for p, r in zip(parts, rows)])
+    return rb, scores, rewards
 
 def _round_seed(base: int, r: int) -> int:
     "The rollout seed of resampling round r (round 0 is the step's seed): no extra draw from the saved generator."
@@ -739,16 +723,16 @@ class StepPipeline:
         if n == 0 or n * c.group_size < c.minibatches * c.grad_accum:
             return None, sampling
         parts = _cap_groups(parts, n)
-        t = _take_groups(parts, c.group_size, self.tokenizer.pad_token_id)
-        dev = acc.device
-        batch = StepBatch(ids=torch.cat([t["prompt_ids"], t["response_ids"]], 1).to(dev),
-                          attn=torch.cat([t["prompt_mask"], t["response_mask"]], 1).long().to(dev),
-                          mask=t["response_mask"].bool().to(dev), sample_logp=t["sample_logp"].to(dev),
-                          scores=t["scores"].to(dev), rewards=t["rewards"].to(dev), group_size=c.group_size,
-                          max_new_tokens=c.max_new_tokens, step=step + 1, texts=t["texts"],
-                          advantage_override=(t["advantage_override"].to(dev) if t["advantage_override"].isfinite().any()
-                                              else None),
-                          **{k: t[k].to(dev) for k in ("rollout_logp", "rollout_entropy") if t[k] is not None})
+        rb, scores, rewards = _take_groups(parts, c.group_size, self.tokenizer.pad_token_id)
+        dev, o = acc.device, rb.advantage_override
+        records = {"rollout_logp": rb.policy_logprobs, "rollout_entropy": rb.policy_entropy}   # engine records, when kept
+        batch = StepBatch(ids=torch.cat([rb.prompt_ids, rb.response_ids], 1).to(dev),
+                          attn=torch.cat([rb.prompt_mask, rb.response_mask], 1).long().to(dev),
+                          mask=rb.response_mask.bool().to(dev), sample_logp=rb.sampling_logprobs.float().to(dev),
+                          scores=scores.to(dev), rewards=rewards.to(dev), group_size=c.group_size,
+                          max_new_tokens=c.max_new_tokens, step=step + 1, texts=rb.texts,
+                          advantage_override=(o.float().to(dev) if o is not None and o.isfinite().any() else None),
+                          **{k: x.float().to(dev) for k, x in records.items() if x is not None})
         return batch.validate(), sampling
 
     def _sampling_metrics(self, parts: list, shaping: list, rounds: int, drawn: int, kept: int) -> dict:
