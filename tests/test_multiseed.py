@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from entropy_rl.multiseed import (curve, fit_law, held_out, method_summary, predict_final, read_experiment, read_run,
-                                  run_summary, seed_band, seed_interval, t975)
+                                  run_summary, seed_band, seed_interval, t975, versus, versus_baseline)
 
 
 def _law(H, a, b):
@@ -138,3 +138,27 @@ def test_read_run_errors(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 3}\n')
     with pytest.raises(ValueError, match="steps must run"):
         read_run(tmp_path)
+
+
+def test_versus_baseline_against_a_hand_computed_welch_interval(tmp_path):
+    """Final entropies 1.0/1.2/1.4 (method) against 0.2/0.5/0.8 (GRPO); pass@1 known per seed. Welch's df for equal n:
+    (va + vb)² / ((va² + vb²) / (n − 1)); the half-width t_{0.975, floor(df)} · se worked out here by hand."""
+    T = 20
+    for m, finals, p1 in (("grpo", (0.2, 0.5, 0.8), (0.3, 0.4, 0.5)), ("siren", (1.0, 1.2, 1.4), (0.3, 0.3, 0.36))):
+        for s, (h, p) in enumerate(zip(finals, p1)):
+            _write_run(tmp_path / m / f"seed{s}", [0.5] * T, [2.0] * (T - 5) + [h] * 5, eval_={"pass@1": p, "pass@4": p, "problems": 50})
+    _write_run(tmp_path / "lonely" / "seed0", [0.5] * T, [1.0] * T)          # one seed: no comparison
+    exp = read_experiment(tmp_path, ["grpo", "siren", "lonely"])
+    v = versus_baseline(exp)
+    assert set(v) == {"siren", "lonely"} and all(x is None for x in v["lonely"].values())
+    e = v["siren"]["entropy_final"]
+    va, vb = 0.04 / 3, 0.09 / 3                          # sample variances 0.04 and 0.09 over n = 3
+    df = (va + vb) ** 2 / ((va ** 2 + vb ** 2) / 2)       # 3.48… → 3 → t = 3.182
+    assert abs(e["diff"] - 0.7) < 1e-12 and abs(e["df"] - df) < 1e-12
+    assert abs(e["hi"] - 0.7 - 3.182 * math.sqrt(va + vb)) < 1e-9 and e["lo"] > 0     # SIREN's entropy is higher
+    p = v["siren"]["pass@1"]
+    assert abs(p["diff"] - (0.32 - 0.4)) < 1e-12 and p["lo"] < 0 < p["hi"]           # accuracy: no difference shown
+    with pytest.raises(KeyError, match="baseline"):
+        versus_baseline(exp, baseline="nope")
+    with pytest.raises(ValueError):
+        versus([1.0, float("nan")], [0.0, 1.0])          # a NaN dropped leaves one seed
