@@ -156,7 +156,8 @@ def predict_final(H, R, fit_frac: float = 1 / 3, last: int = 5) -> dict:
 
 # %% ../nbs/13b_multiseed.ipynb #c99f3678
 def run_summary(run: dict, last: int = 5, k: int = 4) -> dict:
-    """One run in numbers: steps, start and final entropy and reward (means of the first / last `last` steps), the law
+    """One run in numbers: steps, start and final entropy and reward (means of the first / last `last` steps), the mean
+    entropy over the second half of the logged steps (less swayed by single steps than the final mean), the law
     fitted on the whole run, the first-third prediction (None for a run too short), held-out pass@1 / pass@k (None
     before its evaluation), wall time."""
     H, R = curve(run, "entropy"), curve(run, "reward_mean")
@@ -165,6 +166,7 @@ def run_summary(run: dict, last: int = 5, k: int = 4) -> dict:
     out = {"steps": run["steps"], "complete": run["complete"],
            "entropy_start": float(H[:last].mean()) if H.size else float("nan"),
            "entropy_final": float(H[-last:].mean()) if H.size else float("nan"),
+           "entropy_second_half": float(H[H.size // 2:].mean()) if H.size else float("nan"),
            "reward_start": float(R[:last].mean()) if R.size else float("nan"),
            "reward_final": float(R[-last:].mean()) if R.size else float("nan"),
            "wall_s": (run["run"] or {}).get("wall_s")}
@@ -184,7 +186,8 @@ def seed_values(runs: dict, last: int = 5, k: int = 4) -> dict:
     it: no held-out evaluation yet, too short to fit). `runs` is {seed: run}."""
     rows = [run_summary(r, last, k) for r in runs.values()]
     ho = lambda s, key: s["held_out"].get(key, {}).get("value") if s["held_out"] else None
-    return {"entropy_final": [s["entropy_final"] for s in rows], "reward_final": [s["reward_final"] for s in rows],
+    return {"entropy_final": [s["entropy_final"] for s in rows], "entropy_second_half": [s["entropy_second_half"] for s in rows],
+            "reward_final": [s["reward_final"] for s in rows],
             "pass@1": [ho(s, "pass@1") for s in rows], f"pass@{k}": [ho(s, f"pass@{k}") for s in rows],
             "r2": [s["fit"]["r2"] if s["fit"] else None for s in rows],
             "abs_error_at_final_entropy": [abs(s["prediction"]["error_at_final_entropy"]) if s["prediction"] else None for s in rows],
@@ -206,8 +209,8 @@ def method_summary(runs: dict, last: int = 5, k: int = 4) -> dict:
 def versus_baseline(exp: dict, baseline: str = "grpo", quantities=None, last: int = 5, k: int = 4) -> dict:
     """{method: {quantity: versus(...)}} for every method but the baseline: the difference of its seed mean from the
     baseline's with Welch's interval; None where either side has fewer than two seeds with that quantity. `quantities`
-    (default final entropy, pass@1, pass@k) are keys of `seed_values`."""
-    quantities = quantities or ("entropy_final", "pass@1", f"pass@{k}")
+    (default final entropy, second-half entropy, pass@1, pass@k) are keys of `seed_values`."""
+    quantities = quantities or ("entropy_final", "entropy_second_half", "pass@1", f"pass@{k}")
     if baseline not in exp: raise KeyError(f"baseline {baseline!r} has no runs; methods with runs: {list(exp)}")
     base = seed_values(exp[baseline], last, k)
     out = {}

@@ -156,6 +156,8 @@ def test_versus_baseline_against_a_hand_computed_welch_interval(tmp_path):
     df = (va + vb) ** 2 / ((va ** 2 + vb ** 2) / 2)       # 3.48… → 3 → t = 3.182
     assert abs(e["diff"] - 0.7) < 1e-12 and abs(e["df"] - df) < 1e-12
     assert abs(e["hi"] - 0.7 - 3.182 * math.sqrt(va + vb)) < 1e-9 and e["lo"] > 0     # SIREN's entropy is higher
+    half = v["siren"]["entropy_second_half"]             # steps 11–20: five at 2.0, five at the final value
+    assert abs(half["diff"] - 0.7 / 2) < 1e-12 and abs(half["se"] - math.sqrt(va + vb) / 2) < 1e-12
     p = v["siren"]["pass@1"]
     assert abs(p["diff"] - (0.32 - 0.4)) < 1e-12 and p["lo"] < 0 < p["hi"]           # accuracy: no difference shown
     with pytest.raises(KeyError, match="baseline"):
