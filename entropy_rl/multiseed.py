@@ -340,8 +340,9 @@ def plot_versus(exp: dict, baseline: str = "grpo", quantities=None, labels=None,
             clear = v["lo"] > 0 or v["hi"] < 0
             ax.errorbar(v["diff"], y, xerr=[[v["diff"] - v["lo"]], [v["hi"] - v["diff"]]], fmt="o", ms=4, capsize=3,
                         color="C3" if clear else "0.3", lw=1)
-        ax.set_yticks(range(len(names))); ax.set_yticklabels(names, fontsize=8); ax.invert_yaxis()
+        ax.set_yticks(range(len(names))); ax.set_yticklabels(names, fontsize=8)
         ax.set_xlabel(f"{labels.get(q, q)}: method − {baseline}", fontsize=8); ax.grid(axis="x", alpha=0.3)
+    axes[0][0].invert_yaxis()            # once: the panels share the y axis, and each inversion would undo the last
     if title: fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
