@@ -111,7 +111,7 @@ def versus(values, baseline_values) -> dict:
     if se == 0:
         return {"diff": diff, "lo": diff, "hi": diff, "df": float("inf"), "se": 0.0, "n": int(a.size), "n_baseline": int(b.size)}
     df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
-    h = t975(max(1, int(math.floor(df)))) * se
+    h = t975(int(math.floor(df + 1e-9))) * se      # df ≥ min(n) − 1 ≥ 1; the 1e-9 keeps a whole df from flooring one below
     return {"diff": diff, "lo": diff - h, "hi": diff + h, "df": float(df), "se": se, "n": int(a.size), "n_baseline": int(b.size)}
 
 # %% ../nbs/13b_multiseed.ipynb #94ac77e0
@@ -320,13 +320,14 @@ def plot_prediction(exp: dict, title: str = ""):
     fig.tight_layout()
     return fig
 
-def plot_versus(exp: dict, baseline: str = "grpo", quantities=None, labels=None, title: str = ""):
+def plot_versus(exp: dict, baseline: str = "grpo", quantities=None, labels=None, title: str = "", last: int = 5, k: int = 4):
     """One panel per quantity: each method's difference from the baseline (method − baseline, seed means) with its Welch
-    95% interval (`versus_baseline`); a bar that does not cross 0 is a difference larger than the seed noise. Methods
-    with fewer than two seeds are left out. None when nothing can be compared."""
+    95% interval (`versus_baseline`); a red bar does not cross 0, a difference larger than the seed noise (a comparison
+    with no spread on either side has no interval to judge and stays grey). Methods with fewer than two seeds are left
+    out. None when nothing can be compared."""
     import matplotlib.pyplot as plt
     if baseline not in exp: return None
-    vs = versus_baseline(exp, baseline, quantities)
+    vs = versus_baseline(exp, baseline, quantities, last, k)
     qs = list(quantities or next(iter(vs.values()), {}).keys())
     names = [m for m in vs if any(vs[m][q] for q in qs)]
     if not names: return None
@@ -337,7 +338,7 @@ def plot_versus(exp: dict, baseline: str = "grpo", quantities=None, labels=None,
         for y, m in enumerate(names):
             v = vs[m][q]
             if v is None: continue
-            clear = v["lo"] > 0 or v["hi"] < 0
+            clear = v["se"] > 0 and (v["lo"] > 0 or v["hi"] < 0)
             ax.errorbar(v["diff"], y, xerr=[[v["diff"] - v["lo"]], [v["hi"] - v["diff"]]], fmt="o", ms=4, capsize=3,
                         color="C3" if clear else "0.3", lw=1)
         ax.set_yticks(range(len(names))); ax.set_yticklabels(names, fontsize=8)

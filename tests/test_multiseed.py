@@ -164,3 +164,22 @@ def test_versus_baseline_against_a_hand_computed_welch_interval(tmp_path):
         versus_baseline(exp, baseline="nope")
     with pytest.raises(ValueError):
         versus([1.0, float("nan")], [0.0, 1.0])          # a NaN dropped leaves one seed
+
+
+def test_versus_unequal_seeds_and_a_missing_eval(tmp_path):
+    """n = 3 against n = 2 (scipy's Welch df for these values is 2.029884…, floored to 2 → t = 4.303), and a method
+    whose third seed has no held-out evaluation yet: its pass@1 comparison rests on the two seeds that have one."""
+    v = versus([1.0, 2.0, 3.0], [0.5, 0.6])
+    assert abs(v["df"] - 2.029884) < 1e-6 and (v["n"], v["n_baseline"]) == (3, 2)
+    assert abs(v["hi"] - v["diff"] - 4.303 * math.sqrt(1 / 3 + 0.005 / 2)) < 1e-9
+    # mirror images (equal spread, n = 5): df is 8 in exact arithmetic but 7.999999999999999 in floating point; the
+    # interval must still use t_{0.975, 8} = 2.306, not t_{0.975, 7} = 2.365
+    w = versus([0.03, 0.12, 0.67, 0.65, 0.62], [0.38, 0.35, 0.33, 0.88, 0.97])
+    assert w["df"] < 8 and abs(w["df"] - 8) < 1e-12 and abs(w["hi"] - w["diff"] - 2.306 * w["se"]) < 1e-9
+    T = 20
+    for m, p1 in (("grpo", (0.3, 0.4, 0.5)), ("kl_cov", (0.5, 0.7, None))):
+        for s, p in enumerate(p1):
+            _write_run(tmp_path / m / f"seed{s}", [0.5] * T, [1.0] * T,
+                       eval_={"pass@1": p, "pass@4": p, "problems": 50} if p is not None else None)
+    p = versus_baseline(read_experiment(tmp_path, ["grpo", "kl_cov"]))["kl_cov"]["pass@1"]
+    assert (p["n"], p["n_baseline"]) == (2, 3) and abs(p["diff"] - (0.6 - 0.4)) < 1e-12
