@@ -88,9 +88,13 @@ def t975(df: int) -> float:
     if df < 1: raise ValueError(f"df must be >= 1, got {df}")
     return _T975[df - 1] if df <= 30 else 1.959964 + 2.4 / df
 
+def _finite(values) -> list:
+    "The values that are numbers: a run without a quantity (None) or with a NaN contributes nothing."
+    return [x for x in values if x is not None and np.isfinite(x)]
+
 def seed_interval(values) -> dict:
     "Mean over seeds with its 95% t-interval (mean ± t·sd/√n; no interval from one seed): dict(mean, lo, hi, n, sd)."
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    v = np.asarray(_finite(values), dtype=float)
     if v.size == 0: raise ValueError("need at least one finite value")
     m = float(v.mean())
     if v.size == 1: return {"mean": m, "lo": float("nan"), "hi": float("nan"), "n": 1, "sd": float("nan")}
@@ -102,8 +106,7 @@ def versus(values, baseline_values) -> dict:
     """Difference of seed means, method − baseline, with Welch's 95% t-interval (Welch–Satterthwaite degrees of freedom,
     rounded down): dict(diff, lo, hi, df, se, n, n_baseline). Non-finite values (a run without that quantity) are dropped;
     each side needs at least two seeds."""
-    a = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
-    b = np.asarray([x for x in baseline_values if x is not None and np.isfinite(x)], dtype=float)
+    a, b = np.asarray(_finite(values), dtype=float), np.asarray(_finite(baseline_values), dtype=float)
     if a.size < 2 or b.size < 2:
         raise ValueError(f"need at least two finite values on each side, got {a.size} and {b.size}")
     va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
@@ -191,18 +194,13 @@ def seed_values(runs: dict, last: int = 5, k: int = 4) -> dict:
             "pass@1": [ho(s, "pass@1") for s in rows], f"pass@{k}": [ho(s, f"pass@{k}") for s in rows],
             "r2": [s["fit"]["r2"] if s["fit"] else None for s in rows],
             "abs_error_at_final_entropy": [abs(s["prediction"]["error_at_final_entropy"]) if s["prediction"] else None for s in rows],
-            "abs_error_ceiling": [abs(s["prediction"]["error_ceiling"]) if s["prediction"] else None for s in rows],
-            "complete": [s["complete"] for s in rows]}
-
-def _finite(vals) -> list:
-    return [v for v in vals if v is not None and np.isfinite(v)]
+            "abs_error_ceiling": [abs(s["prediction"]["error_ceiling"]) if s["prediction"] else None for s in rows]}
 
 def method_summary(runs: dict, last: int = 5, k: int = 4) -> dict:
     """Seeds of one method pooled: each quantity's mean over seeds with its 95% t-interval (`seed_interval`), and
     how many seeds each rests on. `runs` is {seed: run}."""
-    vals = seed_values(runs, last, k)
-    out = {"seeds": len(runs), "complete": sum(vals.pop("complete"))}
-    for name, v in vals.items():
+    out = {"seeds": len(runs), "complete": sum(r["complete"] for r in runs.values())}
+    for name, v in seed_values(runs, last, k).items():
         out[name] = seed_interval(_finite(v)) if _finite(v) else None
     return out
 

@@ -4,7 +4,6 @@
 
 # %% ../nbs/22_rollout_structures.ipynb #d404db3c
 from __future__ import annotations
-import dataclasses
 import torch
 from torch import Tensor
 from .advantages import group_advantages
