@@ -258,10 +258,11 @@ def _run(args) -> int:
             print(json.dumps(cfg.to_dict(), indent=2)); return 0
         res = train(cfg)
         last = res.metrics[-1] if res.metrics else {}
-        from entropy_rl.distributed import world
+        from entropy_rl.distributed import world, leave_process_group
         if world()[0] == 0:        # several processes: one summary, from process 0
             print(json.dumps({"run_dir": str(res.run_dir), "step": res.step,
                               **{k: last.get(k) for k in ("reward_mean", "pass_rate", "entropy")}}))
+        leave_process_group()      # before interpreter exit tears gloo's threads down (chapter 15)
     elif args.command == "eval":
         _check_eval_args(args)
         if args.run:

@@ -15,7 +15,7 @@ from .rollout import pad_columns
 
 # %% auto #0
 __all__ = ['SCOPES', 'world', 'shard_groups', 'all_reduce', 'gather_rows', 'mean_across', 'global_policy_loss', 'fsdp_units',
-           'is_fsdp1', 'is_sharded', 'gathered_params', 'full_state', 'load_full_state']
+           'is_fsdp1', 'is_sharded', 'gathered_params', 'full_state', 'load_full_state', 'leave_process_group']
 
 # %% ../nbs/15_distributed.ipynb #5178d60a
 SCOPES: tuple[str, ...] = ("global", "local")
@@ -237,3 +237,10 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mo
         set_model_state_dict(model, given, options=options)
         for group, saved in zip(optimizer.param_groups, optimizer_state.get("param_groups", [])):
             group.update({k: v for k, v in saved.items() if k != "params"})
+
+# %% ../nbs/15_distributed.ipynb #19143a7e
+def leave_process_group() -> None:
+    "End of a distributed program: wait for every process, then destroy the default process group. No-op in one process."
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

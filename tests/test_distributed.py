@@ -8,6 +8,7 @@ exactness. Runtime: one torchrun launch (2 processes, every configuration in one
 import math
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -46,7 +47,7 @@ GLOBAL = [n for n in CONFIGS if CONFIGS[n].get("batch_scope") != "local"]
 WORKER = textwrap.dedent('''
     import json, sys, torch
     from entropy_rl.trainer import train
-    from entropy_rl.distributed import world
+    from entropy_rl.distributed import world, leave_process_group
     out, base, configs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     odd_length = lambda text, problem: float(len(text) % 2)
     for name, cfg in configs.items():
@@ -60,6 +61,7 @@ WORKER = textwrap.dedent('''
     r = train(dict(resume, steps=2, resume=True), reward_fn=odd_length)  # ... and continue to step 2
     if world()[0] == 0:
         json.dump({"metrics": r.metrics}, open(f"{out}/ddp_resume/result.json", "w"))
+    leave_process_group()
 ''')
 
 
@@ -92,6 +94,15 @@ def subprocess_env(extra: dict | None = None) -> dict:
             "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def _worker_errors(stderr: str, limit: int = 8000) -> str:
+    "The workers' own tracebacks and messages from a torchrun stderr, without library warnings and torchrun's report."
+    keep = [l for l in stderr.splitlines() if "Warning:" not in l and l.strip() != "warnings.warn("]
+    text = "\n".join(keep)
+    launcher = re.search(r'Traceback \(most recent call last\):\n  File "[^"]*torchrun"', text)
+    exits = [l.strip() for l in keep if l.strip().startswith(("rank", "exitcode"))]   # torchrun's per-rank summary
+    return (text[:launcher.start()] if launcher else text)[-limit:] + "\n" + "\n".join(exits)
+
+
 def run_two_processes(out: Path, worker: str, configs: dict, extra_env: dict | None = None) -> Path:
     "Run `worker` (its argv: out, BASE, configs) as 2 torchrun processes over gloo; `out` holds what they wrote."
     if shutil.which("torchrun") is None:
@@ -102,7 +113,8 @@ def run_two_processes(out: Path, worker: str, configs: dict, extra_env: dict | N
     cmd = ["torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(script), str(out), json.dumps(BASE), json.dumps(configs)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(out))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-6000:]
+    (out / "torchrun.log").write_text(p.stdout + "\n--- stderr ---\n" + p.stderr)
+    assert p.returncode == 0, f"torchrun exited {p.returncode}; full log: {out / 'torchrun.log'}\n" + _worker_errors(p.stderr)
     return out
 
 
@@ -391,7 +403,7 @@ FSDP_WORKER = textwrap.dedent('''
 
     from torch.distributed.tensor import DTensor
     from entropy_rl.trainer import Trainer
-    from entropy_rl.distributed import fsdp_units, world
+    from entropy_rl.distributed import fsdp_units, world, leave_process_group
     out, base, configs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
     odd_length = lambda text, problem: float(len(text) % 2)
 
@@ -440,6 +452,7 @@ FSDP_WORKER = textwrap.dedent('''
         json.dump({"whole_inside": whole, "settings_restored": before == after,
                    "sharded_after": all(isinstance(p, DTensor) for p in t.model.parameters()),
                    "finite": bool(torch.isfinite(logp).all())}, open(f"{out}/gathered.json", "w"))
+    leave_process_group()
 ''')
 
 

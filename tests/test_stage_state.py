@@ -140,12 +140,13 @@ def test_the_loss_gets_a_fresh_state_per_call_outside_the_trainer(toy_entries):
 STATE_WORKER = '''
 import json, sys, torch
 from entropy_rl.trainer import Trainer
-from entropy_rl.distributed import world
+from entropy_rl.distributed import world, leave_process_group
 out, base, configs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 t = Trainer(dict(base, **configs["state"], output_dir=f"{out}/state"), reward_fn=lambda text, problem: float(len(text) % 2))
 m = t.train().metrics
 rank, w = world()
 torch.save({"states": t.stage_states, "world": w, "metrics": m}, f"{out}/states_{rank}.pt")
+leave_process_group()
 '''
 STATEFUL = dict(advantage="riskpo", advantage_options={"reading": "track", "bundle_size": 1}, steps=2,
                 regularizers={"ares_kl": {"coef": 0.5, "interval": 1, "deadzone": 0.0}})
