@@ -12,6 +12,14 @@ TINY = dict(model="tiny", prompts_per_step=2, group_size=4, max_new_tokens=4, lr
             task_options={"instruction": None})
 
 
+def paths_rel(step: int) -> float:
+    """Relative tolerance for two float32 computations of the same run (fused vs unfused head, recomputed vs recorded
+    old log-probs). Their ~1e-7 rounding differences grow about tenfold per optimizer step at lr 1e-2 under Adam
+    (measured: ratio extremes 1e-5 at step 1, 1.2e-4 at step 2, 1.3e-4 at step 3 on an AMD EPYC): 1e-4 at step 1,
+    1e-3 after. A real difference between the paths (a wrong temperature, a shifted token) is orders larger."""
+    return 1e-4 if step == 1 else 1e-3
+
+
 def odd_length(text, problem):
     "Stand-in verifier: a random model never solves a sum, this gives groups reward variance."
     return float(len(text) % 2)
@@ -77,7 +85,7 @@ def test_fused_and_unfused_runs_agree(tmp_path):
     assert any(r["ratio/max"] > 1 + 1e-4 for r in a)
     for x, y in zip(strip_timing(a), strip_timing(b)):
         for k in ("reward_mean", "entropy", "loss", "grad_norm", "ratio/max", "ratio/min"):
-            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), k
+            assert x[k] == pytest.approx(y[k], rel=paths_rel(x["step"]), abs=1e-5), k
 
 
 # options that make the covariance mechanisms select tokens on a batch of ~30 tokens (the published 2e-4 selects none)
