@@ -201,7 +201,7 @@ def method_summary(runs: dict, last: int = 5, k: int = 4) -> dict:
     how many seeds each rests on. `runs` is {seed: run}."""
     out = {"seeds": len(runs), "complete": sum(r["complete"] for r in runs.values())}
     for name, v in seed_values(runs, last, k).items():
-        out[name] = seed_interval(_finite(v)) if _finite(v) else None
+        out[name] = seed_interval(v) if _finite(v) else None     # seed_interval drops the non-finite itself
     return out
 
 def versus_baseline(exp: dict, baseline: str = "grpo", quantities=None, last: int = 5, k: int = 4) -> dict:
@@ -215,8 +215,8 @@ def versus_baseline(exp: dict, baseline: str = "grpo", quantities=None, last: in
     for m, runs in exp.items():
         if m == baseline: continue
         mine = seed_values(runs, last, k)
-        out[m] = {q: versus(_finite(mine[q]), _finite(base[q])) if min(len(_finite(mine[q])), len(_finite(base[q]))) >= 2 else None
-                  for q in quantities}
+        out[m] = {q: versus(mine[q], base[q]) if min(len(_finite(mine[q])), len(_finite(base[q]))) >= 2 else None
+                  for q in quantities}                           # versus drops the non-finite itself
     return out
 
 
